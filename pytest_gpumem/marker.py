@@ -1,0 +1,52 @@
+"""The ``gpumem`` marker: its signature, its help text, and its parsing into a Spec."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from .sample import METRICS, Spec
+from .units import BadValue, Tolerance, parse_size, parse_tolerance
+
+
+def gpumem(budget: int | str | None = None, tolerance: int | str | None = None, metric: str = "allocated") -> None:
+    """Measure this test's peak memory and hold it to a budget and its stored baseline.
+
+    budget: a ceiling on the peak ("6 GiB", "512MiB", "1.5 GB" or int bytes); over it, the test fails.
+    tolerance: allowed growth over the stored baseline ("2%", "256 MiB", or "2%, 1 MiB": the larger);
+    default: --gpumem-tolerance. metric: allocated (allocator peak), reserved (allocator reserved peak)
+    or device (NVML device use, cuda backend only).
+    """
+
+
+_SIGNATURE = inspect.signature(gpumem)
+MARKER_HELP = f"gpumem{_SIGNATURE}".replace("'", "") + ": " + " ".join(
+    line.strip() for line in (gpumem.__doc__ or "").strip().splitlines()
+)
+
+
+def parse_marker(
+    args: tuple[Any, ...], kwargs: dict[str, Any], *, default_tolerance: Tolerance, metrics: tuple[str, ...],
+    backend: str, where: str,
+) -> Spec:
+    """The Spec of a marker's arguments; BadValue names the bad one and ``where`` it is.
+
+    ``metrics`` are those the active backend measures, so that asking for
+    ``device`` on the cpu backend is an error, not a silent zero.
+    """
+    try:
+        bound = _SIGNATURE.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise BadValue(f"{where}: {exc} (signature: gpumem{_SIGNATURE})") from None
+    bound.apply_defaults()
+    budget, tolerance, metric = (bound.arguments[name] for name in ("budget", "tolerance", "metric"))
+    if metric not in METRICS:
+        raise BadValue(f"{where}: unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    if metric not in metrics:
+        raise BadValue(f"{where}: metric {metric!r} is not measured by the {backend} backend (it measures "
+                       f"{', '.join(metrics)})")
+    return Spec(
+        metric=metric,
+        budget=None if budget is None else parse_size(budget, f"{where}: budget"),
+        tolerance=default_tolerance if tolerance is None else parse_tolerance(tolerance, f"{where}: tolerance"),
+    )

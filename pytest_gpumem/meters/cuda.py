@@ -1,0 +1,93 @@
+"""The ``cuda`` backend: the caching allocator's own statistics, plus NVML.
+
+Nothing runs per allocation: the allocator already keeps the current and peak
+``allocated`` and ``reserved`` bytes of every device, so a test costs a reset
+before it and a few reads at each phase boundary. ``device`` is what NVML says
+the device has in use (the CUDA context and library workspaces included, and
+other processes' memory too); NVML has no peak, so it is read at every phase
+boundary, where the caching allocator still holds what the phase reserved.
+
+Statistics go through ``torch.accelerator`` so that other accelerators with the
+same memory API (ROCm appears as ``cuda``) need no other code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..sample import Peaks
+from . import release_failures
+
+
+def _nvml_handles(count: int) -> list[Any] | None:
+    """NVML handles for torch's devices 0..count-1, matched by UUID (so CUDA_VISIBLE_DEVICES
+    reordering is honoured), or None where NVML is unavailable."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handles = []
+        for index in range(count):
+            uuid = str(torch.cuda.get_device_properties(index).uuid)
+            handles.append(pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"))
+        return handles
+    except Exception:  # noqa: BLE001 - any NVML failure only costs the device metric
+        return None
+
+
+class CudaMeter:
+    """Meter of the ``cuda`` backend: per device, allocator peaks and NVML device use."""
+
+    backend = "cuda"
+
+    def __init__(self) -> None:
+        self.devices = list(range(torch.cuda.device_count()))
+        self.names = [f"cuda:{index}" for index in self.devices]
+        for index in self.devices:
+            # Create each context now, so that no test is charged for it.
+            torch.empty(0, device=f"cuda:{index}")
+        self._nvml = _nvml_handles(len(self.devices))
+        self.metrics: tuple[str, ...] = ("allocated", "reserved") + (("device",) if self._nvml else ())
+        self.description = f"cuda ({len(self.devices)} device{'s' * (len(self.devices) != 1)}, allocator statistics" + (
+            " + NVML)" if self._nvml else "; NVML unavailable, no device metric)"
+        )
+        self._before: Peaks = {}
+
+    def _device_used(self) -> dict[str, int]:
+        import pynvml
+
+        assert self._nvml is not None
+        return {name: int(pynvml.nvmlDeviceGetMemoryInfo(h).used) for name, h in zip(self.names, self._nvml)}
+
+    def begin(self) -> Peaks:
+        release_failures()
+        memory = torch.accelerator.memory
+        for index in self.devices:
+            torch.accelerator.synchronize(index)
+        torch.accelerator.memory.empty_cache()
+        before: Peaks = {"allocated": {}, "reserved": {}}
+        for index, name in zip(self.devices, self.names):
+            memory.reset_peak_memory_stats(index)
+            before["allocated"][name] = memory.memory_allocated(index)
+            before["reserved"][name] = memory.memory_reserved(index)
+        if self._nvml:
+            before["device"] = self._device_used()
+        self._before = before
+        return before
+
+    def mark(self) -> Peaks:
+        memory = torch.accelerator.memory
+        peaks: Peaks = {"allocated": {}, "reserved": {}}
+        for index, name in zip(self.devices, self.names):
+            peaks["allocated"][name] = memory.max_memory_allocated(index) - self._before["allocated"][name]
+            peaks["reserved"][name] = memory.max_memory_reserved(index) - self._before["reserved"][name]
+            memory.reset_peak_memory_stats(index)
+        if self._nvml:
+            before = self._before["device"]
+            peaks["device"] = {name: used - before[name] for name, used in self._device_used().items()}
+        return peaks
+
+    def end(self) -> None:
+        self._before = {}

@@ -1,0 +1,264 @@
+"""pytest hooks: options, the marker, test wrapping, xdist relay, reports. Wiring only.
+
+One stateful object, :class:`GpuMemPlugin`, is built in ``pytest_configure``,
+kept in ``config.stash`` and registered; it delegates measuring to a meter,
+deciding to the judge, rendering to the reporters and persisting to the store.
+Under pytest-xdist every worker measures and judges its own tests and sends
+each result to the controller in ``report.user_properties``; only the
+controller (or a run without xdist) writes baselines and reports.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from . import meters
+from .environment import hardware_key, software_versions
+from .fixtures import MEASUREMENT, gpumem  # noqa: F401  (gpumem: the fixture, registered with the plugin)
+from .judge import judge
+from .marker import MARKER_HELP, parse_marker
+from .measurement import Measurement
+from .report import json_report, markdown
+from .report.terminal import failure_message, summary_lines
+from .sample import Baseline, Environment, Spec, TestResult
+from .settings import Settings, add_options, resolve
+from .store import BaselineError, BaselineStore, UpdateSummary, write_atomic
+from .units import BadValue
+
+PLUGIN = pytest.StashKey["GpuMemPlugin"]()
+SPEC = pytest.StashKey[Spec]()
+PROPERTY = "gpumem"  # the user_properties key that carries a TestResult to the controller
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    add_options(parser)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", MARKER_HELP)
+    try:
+        settings = resolve(config)
+        store = BaselineStore(settings.baselines, tolerate_unreadable=settings.update_baselines)
+        if settings.backend == "cuda":
+            meters.resolve_backend("cuda")  # fail now, not in the first test, where no GPU is visible
+    except (BadValue, BaselineError, meters.NoBackend) as exc:
+        raise pytest.UsageError(str(exc)) from None
+    plugin = GpuMemPlugin(config, settings, store)
+    config.stash[PLUGIN] = plugin
+    config.pluginmanager.register(plugin, "gpumem-plugin")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    plugin = config.stash.get(PLUGIN, None)
+    if plugin is not None:
+        config.pluginmanager.unregister(plugin)
+        del config.stash[PLUGIN]
+
+
+def pytest_report_teststatus(report: pytest.TestReport) -> tuple[str, str, str] | None:
+    if getattr(report, "gpumem_failed", False):
+        return "failed", "M", "MEMORY"
+    return None
+
+
+class GpuMemPlugin:
+    """The run's state: settings, the meter (made on first use), baselines, results."""
+
+    def __init__(self, config: pytest.Config, settings: Settings, store: BaselineStore) -> None:
+        self.config = config
+        self.settings = settings
+        self.store = store
+        self.is_worker = hasattr(config, "workerinput")
+        self.results: list[TestResult] = []
+        self.updates: list[UpdateSummary] = []
+        self.errors: list[str] = []
+        self._meter: meters.Meter | None = None
+        self._environment: Environment | None = None
+
+    # -- the meter and the environment, made when the first measured test runs
+
+    @property
+    def meter(self) -> meters.Meter:
+        if self._meter is None:
+            try:
+                self._meter = meters.create(self.settings.backend)
+            except meters.NoBackend as exc:
+                raise pytest.UsageError(f"--gpumem-backend {self.settings.backend}: {exc}") from None
+        return self._meter
+
+    @property
+    def environment(self) -> Environment:
+        if self._environment is None:
+            hardware, devices = hardware_key(self.meter.backend)
+            self._environment = Environment(self.meter.backend, hardware, devices, software_versions())
+        return self._environment
+
+    def _is_measured(self, item: pytest.Item) -> bool:
+        return (
+            self.settings.all
+            or item.get_closest_marker("gpumem") is not None
+            or "gpumem" in getattr(item, "fixturenames", ())
+        )
+
+    # -- per test
+
+    def pytest_report_header(self, config: pytest.Config) -> list[str]:
+        keys = ", ".join(sorted(self.store.by_hardware)) or "none yet"
+        mode = " (updating)" if self.settings.update_baselines else ""
+        return [
+            f"gpumem: backend {meters.resolve_backend(self.settings.backend)}, "
+            f"baselines {self.settings.baselines}{mode} [{keys}]"
+        ]
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> Any:
+        if not self._is_measured(item):
+            return (yield)
+        marker = item.get_closest_marker("gpumem")
+        try:
+            item.stash[SPEC] = parse_marker(
+                marker.args if marker else (),
+                marker.kwargs if marker else {},
+                default_tolerance=self.settings.tolerance,
+                metrics=self.meter.metrics,
+                backend=self.meter.backend,
+                where=f"gpumem marker of {item.nodeid}",
+            )
+        except BadValue as exc:
+            pytest.fail(str(exc), pytrace=False)
+        measurement = item.stash[MEASUREMENT] = Measurement(self.meter)
+        with measurement.phase("setup"):
+            return (yield)
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_call(self, item: pytest.Item) -> Any:
+        measurement = item.stash.get(MEASUREMENT, None)
+        if measurement is None:
+            return (yield)
+        try:
+            with measurement.phase("call"):
+                return (yield)
+        finally:
+            measurement.finish()
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_teardown(self, item: pytest.Item) -> Any:
+        measurement = item.stash.get(MEASUREMENT, None)
+        if measurement is not None:
+            measurement.finish()  # a failed setup leaves it running
+            del item.stash[MEASUREMENT]
+        return (yield)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> pytest.TestReport:
+        report: pytest.TestReport = yield
+        measurement = item.stash.get(MEASUREMENT, None)
+        if report.when != "call" or measurement is None or report.skipped:
+            return report
+        result = self._judge(item, measurement, passed=report.passed)
+        report.user_properties.append((PROPERTY, result.to_dict()))
+        message = failure_message(result)
+        if report.passed and result.verdict.failed and self._enforced(result):
+            report.outcome = "failed"
+            report.longrepr = message
+            report.gpumem_failed = True  # type: ignore[attr-defined]
+        else:
+            report.sections.append(("gpumem", message))  # shown with the test's own failure, if any
+        return report
+
+    def _judge(self, item: pytest.Item, measurement: Measurement, passed: bool) -> TestResult:
+        env = self.environment
+        baseline = self.store.lookup(env.hardware, item.nodeid)
+        sample = measurement.finish()
+        verdict = judge(
+            sample,
+            item.stash[SPEC],
+            baseline,
+            env.software,
+            other_hardware=[hw for hw in self.store.hardware_with(item.nodeid) if hw != env.hardware],
+        )
+        return TestResult(item.nodeid, env.hardware, sample, verdict, passed, baseline)
+
+    def _enforced(self, result: TestResult) -> bool:
+        if self.settings.warn_only:
+            return False
+        # While re-recording, a changed baseline is the point; budgets still hold.
+        return not (self.settings.update_baselines and result.verdict.status != "over_budget")
+
+    # -- results, on the controller
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if self.is_worker:
+            return
+        for name, value in report.user_properties:
+            if name == PROPERTY:
+                self.results.append(TestResult.from_dict(value))
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if self.is_worker or not self.results:
+            return
+        try:
+            if self.settings.update_baselines:
+                self._update_baselines()
+            if self.settings.json:
+                _write(self.settings.json, json_report.dumps(json_report.build(self.results, self._environment_doc())))
+            if self.settings.markdown:
+                text = markdown.render(self.results, self._environment_doc(), self.settings.warn_only)
+                _write(self.settings.markdown, text)
+                if os.environ.get("GITHUB_STEP_SUMMARY"):
+                    with open(os.environ["GITHUB_STEP_SUMMARY"], "a", encoding="utf-8") as handle:
+                        handle.write(text)
+        except (OSError, BaselineError) as exc:
+            self.errors.append(f"gpumem: could not write results: {exc}")
+            session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
+
+    def _update_baselines(self) -> None:
+        now = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+        by_hardware: dict[str, dict[str, Baseline]] = {}
+        for result in self.results:
+            if result.passed and result.verdict.status != "over_budget":
+                by_hardware.setdefault(result.hardware, {})[result.nodeid] = Baseline(
+                    metrics=result.sample.phases.get("call", {}),
+                    phases=result.sample.phases,
+                    software=self._software(),
+                    recorded=now,
+                    backend=result.sample.backend,
+                )
+        for hardware, entries in sorted(by_hardware.items()):
+            self.updates.append(self.store.update(hardware, entries))
+
+    def _software(self) -> dict[str, str]:
+        return self._environment.software if self._environment else software_versions()
+
+    def _environment_doc(self) -> dict[str, Any]:
+        return {
+            "backends": sorted({r.sample.backend for r in self.results}),
+            "hardware": sorted({r.hardware for r in self.results}),
+            "software": self._software(),
+        }
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if not self.results and not self.errors:
+            return
+        terminalreporter.section("gpumem")
+        for line in summary_lines(self.results, warn_only=self.settings.warn_only):
+            terminalreporter.write_line(line)
+        for update in self.updates:
+            line = f"baselines: {update.path}: {len(update.added)} added, {len(update.replaced)} replaced"
+            if update.backup:
+                line += f"; the unreadable file it replaced is kept as {update.backup}"
+            terminalreporter.write_line(line)
+        for path, reason in sorted(self.store.unreadable.items()):
+            terminalreporter.write_line(f"baselines: ignored while updating: {reason}")
+        for error in self.errors:
+            terminalreporter.write_line(error, red=True)
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, text)

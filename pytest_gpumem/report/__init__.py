@@ -1,0 +1,1 @@
+"""Reporters: pure functions from test results to lines or text; the plugin's hooks only write them."""

@@ -1,0 +1,92 @@
+"""Plain-text reports for the terminal: a failed test's message and the session's summary table."""
+
+from __future__ import annotations
+
+from ..sample import TestResult
+from ..units import format_bytes, format_delta
+from .table import COLUMNS, NUMERIC, ORDER, UNITS_NOTE, UPDATE_OPTION, cells, counts_line, delta_cell, notes, ordered
+
+__all__ = ["ORDER", "failure_message", "summary_lines"]
+
+_HEADLINE = {"regression": "regression over baseline", "over_budget": "over budget", "oom": "out of memory"}
+
+
+def _exact(n: int | None) -> str:
+    """``1.50 GiB (1610612736 B)``: readable, and exact for comparing by hand."""
+    return "-" if n is None else f"{format_bytes(n)} ({n} B)"
+
+
+def _versions(software: dict[str, str]) -> str:
+    return ", ".join(f"{name} {version}" for name, version in sorted(software.items()))
+
+
+def failure_message(result: TestResult) -> str:
+    """The block shown as a failed test's longrepr: the verdict and every number that decided it."""
+    v = result.verdict
+    sample = result.sample
+    headline = _HEADLINE.get(v.status, v.status)
+    lines = [f"gpumem: {headline} ({v.metric} peak, {sample.backend} backend, hardware {result.hardware})"]
+
+    def add(label: str, text: str) -> None:
+        lines.append(f"  {label:<8}  {text}")
+
+    add("peak", _exact(v.value))
+
+    if v.baseline is None:
+        text = "none for this hardware"
+        if v.other_hardware:
+            text += f"; baselines exist for: {', '.join(v.other_hardware)}"
+        add("baseline", text)
+    else:
+        text = _exact(v.baseline)
+        if result.baseline is not None:
+            if result.baseline.recorded:
+                text += f" recorded {result.baseline.recorded}"
+            if result.baseline.software:
+                text += f" with {_versions(result.baseline.software)}"
+        add("baseline", text)
+        text = delta_cell(v)
+        if v.allowed is not None:
+            # the tolerance applies both ways; show it on the side the value moved to
+            allowed = -v.allowed if (v.delta or 0) < 0 else v.allowed
+            tolerance = f" {v.tolerance}" if v.tolerance else ""
+            text += f", tolerance{tolerance} allows {format_delta(allowed)}"
+        add("delta", text)
+
+    if v.budget is not None:
+        text = format_bytes(v.budget)
+        if v.value is not None and v.value > v.budget:
+            text += f", exceeded by {format_bytes(v.value - v.budget)}"
+        add("budget", text)
+
+    phases = [(phase, sample.value(v.metric, phase)) for phase in sample.phases]
+    measured = [f"{phase} {format_bytes(value)}" for phase, value in phases if value is not None]
+    if measured:
+        add("phases", ", ".join(measured))
+
+    if v.software_changes:
+        add("software", "changed since the baseline: " + "; ".join(v.software_changes))
+
+    if v.status == "improved":
+        add("hint", f"shrank beyond tolerance: re-record with {UPDATE_OPTION}")
+    return "\n".join(lines)
+
+
+def summary_lines(results: list[TestResult], warn_only: bool = False) -> list[str]:
+    """The terminal summary: an aligned table, failures first, then notes and a count line."""
+    if not results:
+        return ["no tests measured"]
+    table = [list(COLUMNS)] + [cells(r, warn_only) for r in ordered(results)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
+    numeric = [name in NUMERIC for name in COLUMNS]
+
+    def line(row: list[str]) -> str:
+        padded = (c.rjust(w) if right else c.ljust(w) for c, w, right in zip(row, widths, numeric, strict=True))
+        return "  ".join(padded).rstrip()
+
+    lines = [line(table[0]), line(["-" * w for w in widths])]
+    lines += [line(row) for row in table[1:]]
+    lines += notes(results, warn_only)
+    lines.append(UNITS_NOTE)
+    lines.append(counts_line(results))
+    return lines

@@ -1,0 +1,136 @@
+"""Settings, resolved once per run into a frozen dataclass.
+
+Each setting is declared once (:data:`OPTIONS`) and becomes a command-line
+option, an ini key and an environment variable with the same help text.
+Precedence: command line > environment > ini > default. Command-line
+defaults are ``None`` so that an unset flag never hides the ini value. A bad
+value is a :class:`~pytest_gpumem.units.BadValue` that names the value and
+the source it came from.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .meters import BACKENDS
+from .units import BadValue, Tolerance, parse_tolerance
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # the Settings field
+    help: str
+    kind: str = "string"  # string | bool | path | choice | tolerance
+    choices: tuple[str, ...] = ()
+    ini: bool = True
+
+    @property
+    def flag(self) -> str:
+        return "--gpumem-" + self.name.replace("_", "-")
+
+    @property
+    def ini_name(self) -> str:
+        return "gpumem_" + self.name
+
+    @property
+    def env(self) -> str:
+        return "GPUMEM_" + self.name.upper()
+
+
+OPTIONS = (
+    Option("backend", "how memory is measured: cuda (allocator + NVML), cpu (live tensor storages), "
+           "or auto (cuda when a GPU is visible, else cpu). Default: auto.", kind="choice", choices=BACKENDS),
+    Option("baselines", "directory of baseline files. Default: baselines/ at the rootdir.", kind="path"),
+    Option("update_baselines", "record the measured peaks of tests that passed as their new baselines.",
+           kind="bool", ini=False),
+    Option("tolerance", "allowed growth over a baseline when a test's marker sets none: a percentage, a size, "
+           "or both ('2%, 1 MiB': the larger). Default: 2%.", kind="tolerance"),
+    Option("all", "measure every test, not only those with the gpumem marker or fixture.", kind="bool"),
+    Option("warn_only", "report regressions and over-budget tests without failing them.", kind="bool"),
+    Option("json", "write the full results as JSON to this path.", kind="path", ini=False),
+    Option("markdown", "write the results as a Markdown table to this path (also appended to "
+           "$GITHUB_STEP_SUMMARY when that is set).", kind="path", ini=False),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    backend: str = "auto"
+    baselines: Path = Path("baselines")
+    update_baselines: bool = False
+    tolerance: Tolerance = Tolerance(percent=2.0)
+    all: bool = False
+    warn_only: bool = False
+    json: Path | None = None
+    markdown: Path | None = None
+
+
+def add_options(parser: Any) -> None:
+    """Register every option (and its ini twin) with a pytest parser."""
+    group = parser.getgroup("gpumem", "GPU memory budgets and baselines (pytest-gpumem)")
+    for option in OPTIONS:
+        kwargs: dict[str, Any] = {"dest": "gpumem_" + option.name, "default": None, "help": option.help}
+        if option.kind == "bool":
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["metavar"] = "|".join(option.choices) if option.choices else option.kind.upper()
+        group.addoption(option.flag, **kwargs)
+        if option.ini:
+            parser.addini(option.ini_name, option.help + f" Environment: {option.env}.", type="string", default="")
+
+
+def resolve(config: Any) -> Settings:
+    """Settings from a pytest config; raises BadValue naming the bad value and its source."""
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        found = _raw(config, option)
+        if found is not None:
+            values[option.name] = _convert(option, *found, base=_base_dir(config, found[1]))
+    values.setdefault("baselines", Path(config.rootpath) / "baselines")
+    return Settings(**values)
+
+
+def _raw(config: Any, option: Option) -> tuple[Any, str] | None:
+    cli = config.getoption("gpumem_" + option.name)
+    if cli is not None:
+        return cli, option.flag
+    env = os.environ.get(option.env)
+    if env:
+        return env, f"environment variable {option.env}"
+    if option.ini:
+        ini = config.getini(option.ini_name)
+        if ini:
+            return ini, f"ini option {option.ini_name}"
+    return None
+
+
+def _base_dir(config: Any, source: str) -> Path:
+    """Relative paths from an ini file are relative to it; all others to the working directory."""
+    if source.startswith("ini") and config.inipath is not None:
+        return Path(config.inipath).parent
+    return Path(config.invocation_params.dir)
+
+
+def _convert(option: Option, value: Any, source: str, base: Path) -> Any:
+    if option.kind == "bool":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE | _FALSE:
+            return text in _TRUE
+        raise BadValue(f"{source}: {value!r} is not a boolean; use true or false")
+    if option.kind == "choice":
+        if value not in option.choices:
+            raise BadValue(f"{source}: unknown {option.name} {value!r}; choose one of {', '.join(option.choices)}")
+        return value
+    if option.kind == "tolerance":
+        return parse_tolerance(value, source)
+    if option.kind == "path":
+        return base / Path(str(value)).expanduser()
+    return value
