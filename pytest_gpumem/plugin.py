@@ -32,6 +32,7 @@ from .units import BadValue
 
 PLUGIN = pytest.StashKey["GpuMemPlugin"]()
 SPEC = pytest.StashKey[Spec]()
+MARKER_ERROR = pytest.StashKey[str]()
 PROPERTY = "gpumem"  # the user_properties key that carries a TestResult to the controller
 
 
@@ -46,8 +47,10 @@ def pytest_configure(config: pytest.Config) -> None:
         store = BaselineStore(settings.baselines, tolerate_unreadable=settings.update_baselines)
         if settings.backend == "cuda":
             meters.resolve_backend("cuda")  # fail now, not in the first test, where no GPU is visible
-    except (BadValue, BaselineError, meters.NoBackend) as exc:
+    except (BadValue, BaselineError) as exc:
         raise pytest.UsageError(str(exc)) from None
+    except meters.NoBackend as exc:
+        raise pytest.UsageError(f"--gpumem-backend cuda: {exc}") from None
     plugin = GpuMemPlugin(config, settings, store)
     config.stash[PLUGIN] = plugin
     config.pluginmanager.register(plugin, "gpumem-plugin")
@@ -130,10 +133,18 @@ class GpuMemPlugin:
                 where=f"gpumem marker of {item.nodeid}",
             )
         except BadValue as exc:
-            pytest.fail(str(exc), pytrace=False)
+            # Raised from the plain hook below: a wrapper that raises before it
+            # yields would keep the other plugins' setup wrappers from running.
+            item.stash[MARKER_ERROR] = str(exc)
+            return (yield)
         measurement = item.stash[MEASUREMENT] = Measurement(self.meter)
         with measurement.phase("setup"):
             return (yield)
+
+    @pytest.hookimpl(tryfirst=True, specname="pytest_runtest_setup")
+    def pytest_runtest_setup_check_marker(self, item: pytest.Item) -> None:
+        if MARKER_ERROR in item.stash:
+            pytest.fail(item.stash[MARKER_ERROR], pytrace=False)
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Any:
