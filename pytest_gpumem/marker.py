@@ -20,14 +20,21 @@ def gpumem(budget: int | str | None = None, tolerance: int | str | None = None, 
 
 
 _SIGNATURE = inspect.signature(gpumem)
-MARKER_HELP = f"gpumem{_SIGNATURE}".replace("'", "") + ": " + " ".join(
-    line.strip() for line in (gpumem.__doc__ or "").strip().splitlines()
+MARKER_HELP = (
+    f"gpumem{_SIGNATURE}".replace("'", "")
+    + ": "
+    + " ".join(line.strip() for line in (gpumem.__doc__ or "").strip().splitlines())
 )
 
 
 def parse_marker(
-    args: tuple[Any, ...], kwargs: dict[str, Any], *, default_tolerance: Tolerance, metrics: tuple[str, ...],
-    backend: str, where: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    default_tolerance: Tolerance,
+    metrics: tuple[str, ...],
+    backend: str,
+    where: str,
 ) -> Spec:
     """The Spec of a marker's arguments; BadValue names the bad one and ``where`` it is.
 
@@ -43,8 +50,9 @@ def parse_marker(
     if metric not in METRICS:
         raise BadValue(f"{where}: unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
     if metric not in metrics:
-        raise BadValue(f"{where}: metric {metric!r} is not measured by the {backend} backend (it measures "
-                       f"{', '.join(metrics)})")
+        raise BadValue(
+            f"{where}: metric {metric!r} is not measured by the {backend} backend (it measures {', '.join(metrics)})"
+        )
     return Spec(
         metric=metric,
         budget=None if budget is None else parse_size(budget, f"{where}: budget"),

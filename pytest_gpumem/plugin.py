@@ -257,14 +257,16 @@ class GpuMemPlugin:
         if not self.results and not self.errors:
             return
         terminalreporter.section("gpumem")
-        for line in summary_lines(self.results, warn_only=self.settings.warn_only):
+        for line in summary_lines(
+            self.results, warn_only=self.settings.warn_only, updating=self.settings.update_baselines
+        ):
             terminalreporter.write_line(line)
         for update in self.updates:
             line = f"baselines: {update.path}: {len(update.added)} added, {len(update.replaced)} replaced"
             if update.backup:
                 line += f"; the unreadable file it replaced is kept as {update.backup}"
             terminalreporter.write_line(line)
-        for path, reason in sorted(self.store.unreadable.items()):
+        for _path, reason in sorted(self.store.unreadable.items()):
             terminalreporter.write_line(f"baselines: ignored while updating: {reason}")
         for error in self.errors:
             terminalreporter.write_line(error, red=True)

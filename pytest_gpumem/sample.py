@@ -78,7 +78,7 @@ class Spec:
 
     metric: str = "allocated"
     budget: int | None = None
-    tolerance: Tolerance = Tolerance(percent=2.0)
+    tolerance: Tolerance = Tolerance(percent=2.0)  # noqa: RUF009 - frozen, so sharing it is safe
 
 
 @dataclass
@@ -186,4 +186,9 @@ class Environment:
     software: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"backend": self.backend, "hardware": self.hardware, "devices": list(self.devices), "software": self.software}
+        return {
+            "backend": self.backend,
+            "hardware": self.hardware,
+            "devices": list(self.devices),
+            "software": self.software,
+        }

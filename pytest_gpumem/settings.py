@@ -44,18 +44,35 @@ class Option:
 
 
 OPTIONS = (
-    Option("backend", "how memory is measured: cuda (allocator + NVML), cpu (live tensor storages), "
-           "or auto (cuda when a GPU is visible, else cpu). Default: auto.", kind="choice", choices=BACKENDS),
+    Option(
+        "backend",
+        "how memory is measured: cuda (allocator + NVML), cpu (live tensor storages), "
+        "or auto (cuda when a GPU is visible, else cpu). Default: auto.",
+        kind="choice",
+        choices=BACKENDS,
+    ),
     Option("baselines", "directory of baseline files. Default: baselines/ at the rootdir.", kind="path"),
-    Option("update_baselines", "record the measured peaks of tests that passed as their new baselines.",
-           kind="bool", ini=False),
-    Option("tolerance", "allowed growth over a baseline when a test's marker sets none: a percentage, a size, "
-           "or both ('2%, 1 MiB': the larger). Default: 2%.", kind="tolerance"),
+    Option(
+        "update_baselines",
+        "record the measured peaks of tests that passed as their new baselines.",
+        kind="bool",
+        ini=False,
+    ),
+    Option(
+        "tolerance",
+        "allowed growth over a baseline when a test's marker sets none: a percentage, a size, "
+        "or both ('2%, 1 MiB': the larger). Default: 2%.",
+        kind="tolerance",
+    ),
     Option("all", "measure every test, not only those with the gpumem marker or fixture.", kind="bool"),
     Option("warn_only", "report regressions and over-budget tests without failing them.", kind="bool"),
     Option("json", "write the full results as JSON to this path.", kind="path", ini=False),
-    Option("markdown", "write the results as a Markdown table to this path (also appended to "
-           "$GITHUB_STEP_SUMMARY when that is set).", kind="path", ini=False),
+    Option(
+        "markdown",
+        "write the results as a Markdown table to this path (also appended to $GITHUB_STEP_SUMMARY when that is set).",
+        kind="path",
+        ini=False,
+    ),
 )
 
 
@@ -64,7 +81,7 @@ class Settings:
     backend: str = "auto"
     baselines: Path = Path("baselines")
     update_baselines: bool = False
-    tolerance: Tolerance = Tolerance(percent=2.0)
+    tolerance: Tolerance = Tolerance(percent=2.0)  # noqa: RUF009 - frozen, so sharing it is safe
     all: bool = False
     warn_only: bool = False
     json: Path | None = None
@@ -75,7 +92,12 @@ def add_options(parser: Any) -> None:
     """Register every option (and its ini twin) with a pytest parser."""
     group = parser.getgroup("gpumem", "GPU memory budgets and baselines (pytest-gpumem)")
     for option in OPTIONS:
-        kwargs: dict[str, Any] = {"dest": "gpumem_" + option.name, "default": None, "help": option.help}
+        # argparse formats help with %, so a literal percent sign is written %%.
+        kwargs: dict[str, Any] = {
+            "dest": "gpumem_" + option.name,
+            "default": None,
+            "help": option.help.replace("%", "%%"),
+        }
         if option.kind == "bool":
             kwargs["action"] = "store_true"
         else:

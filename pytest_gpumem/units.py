@@ -116,12 +116,12 @@ def format_bytes(n: int | None) -> str:
     value = float(abs(n))
     if value < 1024:
         return f"{sign}{abs(n)} B"
-    unit = "B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
+    units = ["KiB", "MiB", "GiB", "TiB"]
+    value /= 1024
+    while round(value, 2) >= 1024 and len(units) > 1:
         value /= 1024
-        if round(value, 2) < 1024:
-            break
-    return f"{sign}{value:.2f} {unit}"
+        units.pop(0)
+    return f"{sign}{value:.2f} {units[0]}"
 
 
 def format_delta(n: int | None) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch  # noqa: F401  imported here so that in-process pytester runs share it
+import torch
 
 MEASURED = """
 import pytest, torch
@@ -53,7 +53,12 @@ def test_marker_budget_as_positional_and_int(pytester):
 @pytest.mark.parametrize(
     ("args", "ini", "env", "message"),
     [
-        (["--gpumem-backend=tpu"], "", {}, "ERROR: --gpumem-backend: unknown backend 'tpu'; choose one of auto, cuda, cpu"),
+        (
+            ["--gpumem-backend=tpu"],
+            "",
+            {},
+            "ERROR: --gpumem-backend: unknown backend 'tpu'; choose one of auto, cuda, cpu",
+        ),
         (["--gpumem-tolerance=-1%"], "", {}, "ERROR: --gpumem-tolerance: '-1%' is not a tolerance*"),
         ([], "gpumem_tolerance = abc", {}, "ERROR: ini option gpumem_tolerance: 'abc' is not a tolerance*"),
         ([], "gpumem_backend = gpu", {}, "ERROR: ini option gpumem_backend: unknown backend 'gpu'*"),
@@ -93,7 +98,10 @@ def test_baseline_directory_that_is_a_file(pytester):
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ("{not json", "*cpu.json: not valid JSON (Expecting property name enclosed in double quotes at line 1 column 2)"),
+        (
+            "{not json",
+            "*cpu.json: not valid JSON (Expecting property name enclosed in double quotes at line 1 column 2)",
+        ),
         ('{"name": "some other tool"}', "*cpu.json: not a pytest-gpumem baseline file (schema None, expected*"),
         ("[1, 2]", "*cpu.json: not a pytest-gpumem baseline file (schema 'list', expected*"),
         (

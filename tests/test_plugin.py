@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch  # noqa: F401  imported here so that in-process pytester runs share it, never re-import it
+import torch
 
 MiB = 2**20
 
@@ -84,9 +84,7 @@ def test_regression_over_tolerance_fails(pytester):
     write_suite(pytester, mib=1.05)
     result = pytester.runpytest()
     result.assert_outcomes(passed=1, failed=1)
-    result.stdout.fnmatch_lines(
-        ["gpumem: regression over baseline*", "*delta*+51.20 KiB (+5.0%)*2%*", "*regression*"]
-    )
+    result.stdout.fnmatch_lines(["gpumem: regression over baseline*", "*delta*+51.20 KiB (+5.0%)*2%*", "*regression*"])
 
 
 def test_growth_within_tolerance_and_absolute_floor_pass(pytester):
@@ -161,13 +159,18 @@ def test_setup_leftovers_count_and_phases_are_recorded(pytester):
     )
     result, tests = results(pytester)
     result.assert_outcomes(passed=1)
-    phases = {name: peaks["allocated"]["cpu"] for name, peaks in tests["test_setup_leftovers_count_and_phases_are_recorded.py::test_step"]["sample"]["phases"].items()}
+    phases = {
+        name: peaks["allocated"]["cpu"]
+        for name, peaks in tests["test_setup_leftovers_count_and_phases_are_recorded.py::test_step"]["sample"][
+            "phases"
+        ].items()
+    }
     assert phases == {"setup": MiB, "call": 3 * MiB, "forward": 3 * MiB, "optimizer": MiB + MiB // 2}
 
 
 def test_gpumem_all_measures_every_test(pytester):
     write_suite(pytester, mib=1)
-    result, tests = results(pytester, "--gpumem-all")
+    _result, tests = results(pytester, "--gpumem-all")
     assert tests["test_mem.py::test_unmeasured"]["sample"]["phases"]["call"]["allocated"] == {"cpu": 40 * MiB}
 
 
@@ -256,7 +259,9 @@ def test_json_schema_and_summary(pytester):
 
 def test_plugin_can_be_disabled(pytester):
     write_suite(pytester, mib=3, marker='gpumem(budget="2 MiB")')
-    result = pytester.runpytest("-p", "no:gpumem", "-p", "no:strict-markers", "-W", "ignore::pytest.PytestUnknownMarkWarning")
+    result = pytester.runpytest(
+        "-p", "no:gpumem", "-p", "no:strict-markers", "-W", "ignore::pytest.PytestUnknownMarkWarning"
+    )
     result.assert_outcomes(passed=2)
     assert "gpumem" not in result.stdout.str()
 

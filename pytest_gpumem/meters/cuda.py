@@ -37,6 +37,19 @@ def _nvml_handles(count: int) -> list[Any] | None:
         return None
 
 
+def _warm_up(device: str) -> None:
+    """Create what CUDA and its libraries keep for the life of the process, so no test is charged for it.
+
+    The context, and the cuBLAS and cuBLASLt workspaces that the caching
+    allocator hands out on the first matrix product of each kind and keeps.
+    """
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        a = torch.ones(16, 16, device=device, dtype=dtype)
+        torch.nn.functional.linear(a, a, a[0])
+        (a @ a).sum().item()
+    torch.accelerator.synchronize(torch.device(device).index)
+
+
 class CudaMeter:
     """Meter of the ``cuda`` backend: per device, allocator peaks and NVML device use."""
 
@@ -45,9 +58,8 @@ class CudaMeter:
     def __init__(self) -> None:
         self.devices = list(range(torch.cuda.device_count()))
         self.names = [f"cuda:{index}" for index in self.devices]
-        for index in self.devices:
-            # Create each context now, so that no test is charged for it.
-            torch.empty(0, device=f"cuda:{index}")
+        for name in self.names:
+            _warm_up(name)
         self._nvml = _nvml_handles(len(self.devices))
         self.metrics: tuple[str, ...] = ("allocated", "reserved") + (("device",) if self._nvml else ())
         self.description = f"cuda ({len(self.devices)} device{'s' * (len(self.devices) != 1)}, allocator statistics" + (
@@ -59,7 +71,8 @@ class CudaMeter:
         import pynvml
 
         assert self._nvml is not None
-        return {name: int(pynvml.nvmlDeviceGetMemoryInfo(h).used) for name, h in zip(self.names, self._nvml)}
+        handles = zip(self.names, self._nvml, strict=True)
+        return {name: int(pynvml.nvmlDeviceGetMemoryInfo(handle).used) for name, handle in handles}
 
     def begin(self) -> Peaks:
         release_failures()
@@ -68,7 +81,7 @@ class CudaMeter:
             torch.accelerator.synchronize(index)
         torch.accelerator.memory.empty_cache()
         before: Peaks = {"allocated": {}, "reserved": {}}
-        for index, name in zip(self.devices, self.names):
+        for index, name in zip(self.devices, self.names, strict=True):
             memory.reset_peak_memory_stats(index)
             before["allocated"][name] = memory.memory_allocated(index)
             before["reserved"][name] = memory.memory_reserved(index)
@@ -80,7 +93,7 @@ class CudaMeter:
     def mark(self) -> Peaks:
         memory = torch.accelerator.memory
         peaks: Peaks = {"allocated": {}, "reserved": {}}
-        for index, name in zip(self.devices, self.names):
+        for index, name in zip(self.devices, self.names, strict=True):
             peaks["allocated"][name] = memory.max_memory_allocated(index) - self._before["allocated"][name]
             peaks["reserved"][name] = memory.max_memory_reserved(index) - self._before["reserved"][name]
             memory.reset_peak_memory_stats(index)

@@ -11,12 +11,19 @@ the byte for what the test allocates. What it cannot see is memory no operator
 made: tensors wrapped around foreign buffers (``torch.from_numpy``,
 memory-mapped files) and scratch space inside a single kernel.
 
+A dispatch mode is per thread, so the meter sees what the test's own thread
+runs (autograd's backward included). transformers loads unquantized
+checkpoints on a pool of worker threads; while measuring, the meter sets
+``HF_DEACTIVATE_ASYNC_LOAD=1`` so that it loads on the test's thread instead:
+the same tensors, made where they can be counted.
+
 The per-operator path is kept minimal, since it runs for every operator: one
 dict lookup decides whether an operator can allocate at all.
 """
 
 from __future__ import annotations
 
+import os
 import weakref
 from typing import Any
 
@@ -28,6 +35,7 @@ from . import release_failures
 
 _NOTHING: tuple[int, ...] = ()
 WHOLE = -1
+_ASYNC_LOAD = "HF_DEACTIVATE_ASYNC_LOAD"
 _FRESH: dict[Any, tuple[int, ...]] = {}  # operator -> _fresh_returns(operator); schemas never change
 
 
@@ -125,12 +133,15 @@ class TrackerMeter:
 
     def __init__(self) -> None:
         self._tracker: StorageTracker | None = None
+        self._async_load: str | None = None
 
     def begin(self) -> Peaks:
         release_failures()
         self._tracker = StorageTracker()
         self._tracker.current["cpu"] = 0
         self._tracker.peak["cpu"] = 0
+        self._async_load = os.environ.get(_ASYNC_LOAD)
+        os.environ[_ASYNC_LOAD] = "1"
         self._tracker.__enter__()
         return {}
 
@@ -145,3 +156,7 @@ class TrackerMeter:
             self._tracker.__exit__(None, None, None)
             self._tracker.forget()
             self._tracker = None
+            if self._async_load is None:
+                os.environ.pop(_ASYNC_LOAD, None)
+            else:
+                os.environ[_ASYNC_LOAD] = self._async_load

@@ -89,8 +89,11 @@ def counts_line(results: Iterable[TestResult]) -> str:
     return ", ".join(parts)
 
 
-def notes(results: list[TestResult], warn_only: bool = False) -> list[str]:
-    """The lines shown under the table: software changes, other hardware, the update hint, warn-only."""
+def notes(results: list[TestResult], warn_only: bool = False, updating: bool = False) -> list[str]:
+    """The lines shown under the table: software changes, other hardware, the update hint, warn-only.
+
+    ``updating``: the run is recording baselines, so the hint to record them is left out.
+    """
     lines = []
     groups = Counter(tuple(r.verdict.software_changes) for r in results if r.verdict.software_changes)
     for changes, n in sorted(groups.items(), key=lambda item: (-item[1], item[0])):
@@ -105,7 +108,7 @@ def notes(results: list[TestResult], warn_only: bool = False) -> list[str]:
             f"baselines exist for: {others}"
         )
 
-    if any(r.verdict.status in ("improved", "new") for r in results):
+    if not updating and any(r.verdict.status in ("improved", "new") for r in results):
         lines.append(f"improved or new results: review them and record baselines with {UPDATE_OPTION}")
 
     failed = sum(r.verdict.status in FAILING for r in results)

@@ -72,7 +72,7 @@ def failure_message(result: TestResult) -> str:
     return "\n".join(lines)
 
 
-def summary_lines(results: list[TestResult], warn_only: bool = False) -> list[str]:
+def summary_lines(results: list[TestResult], warn_only: bool = False, updating: bool = False) -> list[str]:
     """The terminal summary: an aligned table, failures first, then notes and a count line."""
     if not results:
         return ["no tests measured"]
@@ -86,7 +86,7 @@ def summary_lines(results: list[TestResult], warn_only: bool = False) -> list[st
 
     lines = [line(table[0]), line(["-" * w for w in widths])]
     lines += [line(row) for row in table[1:]]
-    lines += notes(results, warn_only)
+    lines += notes(results, warn_only, updating)
     lines.append(UNITS_NOTE)
     lines.append(counts_line(results))
     return lines
