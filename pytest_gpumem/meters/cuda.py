@@ -40,12 +40,13 @@ def _nvml_handles(count: int) -> list[Any] | None:
 def _warm_up(device: str) -> None:
     """Create what CUDA and its libraries keep for the life of the process, so no test is charged for it.
 
-    The context, and the cuBLAS and cuBLASLt workspaces that the caching
-    allocator hands out on the first matrix product of each kind and keeps.
+    The context, and the cuBLAS/cuBLASLt workspaces that the caching allocator
+    hands out on a thread's first matrix product and keeps: one for this thread
+    and one for the autograd engine's thread of the device, which runs backward.
     """
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        a = torch.ones(16, 16, device=device, dtype=dtype)
-        torch.nn.functional.linear(a, a, a[0])
+        a = torch.ones(16, 16, device=device, dtype=dtype, requires_grad=True)
+        torch.nn.functional.linear(a, a, a[0]).sum().backward()
         (a @ a).sum().item()
     torch.accelerator.synchronize(torch.device(device).index)
 
