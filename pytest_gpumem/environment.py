@@ -18,9 +18,9 @@ def software_versions() -> dict[str, str]:
     """Versions of the libraries that change memory use; absent ones are left out."""
     import torch
 
-    versions = {"torch": torch.__version__}
+    versions: dict[str, str] = {"torch": str(torch.__version__)}
     if torch.version.cuda:
-        versions["cuda"] = torch.version.cuda
+        versions["cuda"] = str(torch.version.cuda)
     for name in SOFTWARE[2:]:
         try:
             versions[name] = metadata.version(name)

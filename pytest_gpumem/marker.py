@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from typing import Any
 
 from .sample import METRICS, Spec
@@ -29,7 +30,7 @@ MARKER_HELP = (
 
 def parse_marker(
     args: tuple[Any, ...],
-    kwargs: dict[str, Any],
+    kwargs: Mapping[str, Any],
     *,
     default_tolerance: Tolerance,
     metrics: tuple[str, ...],

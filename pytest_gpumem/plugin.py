@@ -11,9 +11,10 @@ controller (or a run without xdist) writes baselines and reports.
 from __future__ import annotations
 
 import os
+from collections.abc import Generator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -166,7 +167,9 @@ class GpuMemPlugin:
         return (yield)
 
     @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> pytest.TestReport:
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
         report: pytest.TestReport = yield
         measurement = item.stash.get(MEASUREMENT, None)
         if report.when != "call" or measurement is None or report.skipped:
@@ -208,7 +211,7 @@ class GpuMemPlugin:
             return
         for name, value in report.user_properties:
             if name == PROPERTY:
-                self.results.append(TestResult.from_dict(value))
+                self.results.append(TestResult.from_dict(cast(dict[str, Any], value)))
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if self.is_worker or not self.results:

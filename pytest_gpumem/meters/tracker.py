@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from functools import partial
 from typing import Any
 
 import torch
@@ -102,13 +103,13 @@ class StorageTracker(TorchDispatchMode):
         if device == "meta":
             return
         nbytes = storage.nbytes()
-        self._live[key] = (weakref.ref(storage, lambda _ref, key=key: self._release(key)), device, nbytes)
+        self._live[key] = (weakref.ref(storage, partial(self._release, key)), device, nbytes)
         now = self.current.get(device, 0) + nbytes
         self.current[device] = now
         if now > self.peak.get(device, 0):
             self.peak[device] = now
 
-    def _release(self, key: int) -> None:
+    def _release(self, key: int, _ref: object = None) -> None:
         entry = self._live.pop(key, None)
         if entry is not None:
             self.current[entry[1]] -= entry[2]
@@ -129,7 +130,7 @@ class TrackerMeter:
 
     backend = "cpu"
     description = "cpu (live tensor storages counted per operator)"
-    metrics = ("allocated", "reserved")
+    metrics: tuple[str, ...] = ("allocated", "reserved")
 
     def __init__(self) -> None:
         self._tracker: StorageTracker | None = None
