@@ -1,33 +1,29 @@
-"""Fixtures of the example suite."""
+"""The example suite's knobs: which model sizes it trains, and each size's memory budget."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from finetune import make_checkpoint
 
-CACHE_KEY = "gpumem-example-checkpoint"
-
-
-def pytest_collection_finish(session: pytest.Session) -> None:
-    """Make the checkpoint after collection, before the first test starts.
-
-    pytest-gpumem measures a test's setup too, and the first setup of a
-    session fixture happens inside the setup of the first test that uses it:
-    generating the checkpoint there would be charged to that test on every
-    run with a cold cache. (Under xdist each worker does this; they write the
-    same bytes, each through its own staging directory.)
-    """
-    if session.items and not session.config.option.collectonly:
-        make_checkpoint(session.config.cache.mkdir(CACHE_KEY))
+# What each size must fit in: a tiny model on a CPU runner, a 1B model on a 16 GiB
+# card, an 8B model on a 24 GiB card.
+BUDGETS = {"tiny": "16 MiB", "1b": "16 GiB", "3b": "24 GiB", "8b": "24 GiB"}
 
 
-@pytest.fixture(scope="session")
-def checkpoint(request: pytest.FixtureRequest) -> Path:
-    """A tiny random-weight Llama checkpoint on disk, made once and kept in pytest's cache.
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--model-sizes",
+        default="tiny",
+        help="comma-separated Llama sizes to train: tiny (CPU, seconds), 1b, 3b, 8b (GPU). Default: tiny.",
+    )
 
-    Normally already made by ``pytest_collection_finish``, so this only finds
-    it; ``pytest --cache-clear`` makes it again, with the same seed and bytes.
-    """
-    return make_checkpoint(request.config.cache.mkdir(CACHE_KEY))
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "size" not in metafunc.fixturenames:
+        return
+    sizes = [s.strip() for s in metafunc.config.getoption("model_sizes").split(",") if s.strip()]
+    unknown = [s for s in sizes if s not in BUDGETS]
+    if unknown:
+        raise pytest.UsageError(f"--model-sizes: unknown size {unknown[0]!r}; choose from {', '.join(BUDGETS)}")
+    metafunc.parametrize(
+        "size", [pytest.param(s, marks=pytest.mark.gpumem(budget=BUDGETS[s], tolerance="2%")) for s in sizes]
+    )

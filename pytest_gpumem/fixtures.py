@@ -1,12 +1,17 @@
-"""Fixtures: ``gpumem``, a handle on the current test's measurement."""
+"""Fixtures: ``gpumem`` (the test's measurement), and real models to measure:
+``quantized_model``, ``lora`` and ``train_step``."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from . import models, training
 from .measurement import Measurement
 
 MEASUREMENT = pytest.StashKey[Measurement]()
@@ -27,12 +32,87 @@ class GpuMem:
         with self._measurement.phase(name):
             yield
 
-    def peak(self, metric: str = "allocated") -> int:
-        """The test's peak of ``metric`` so far, in bytes above what was resident before it began."""
-        return self._measurement.peak(metric)
+    def peak(self, metric: str = "allocated", phase: str | None = None) -> int:
+        """The peak of ``metric`` so far, of the test or of one named ``phase``, in bytes above what was
+        resident before the test began."""
+        return self._measurement.peak(metric, phase)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave the enclosed block out of the measurement (what it leaves alive counts from then on)."""
+        with self._measurement.paused():
+            yield
 
 
 @pytest.fixture
 def gpumem(request: pytest.FixtureRequest) -> GpuMem:
     """Measure this test (even without the marker) and open named phases: ``with gpumem.phase("forward"):``."""
     return GpuMem(request.node.stash[MEASUREMENT])
+
+
+@pytest.fixture(scope="session")
+def gpumem_model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where random-weight checkpoints are kept: pytest's cache (so later runs reuse them), else a tmp dir."""
+    cache = getattr(request.config, "cache", None)
+    return Path(cache.mkdir("gpumem-models")) if cache is not None else tmp_path_factory.mktemp("gpumem-models")
+
+
+_DEFAULT = object()
+
+
+@pytest.fixture
+def quantized_model(gpumem: GpuMem, gpumem_model_dir: Path, request: pytest.FixtureRequest) -> Callable[..., Any]:
+    """Load a model as production code does: ``quantized_model("llama", size="tiny", quant="nf4")``.
+
+    Arguments: ``arch`` (llama, mistral, qwen2), ``size`` (tiny, or a published
+    shape: see ``pytest_gpumem.models.PRESETS``), ``quant`` (nf4, fp4, int8, bf16,
+    fp16, fp32), ``double_quant``, ``compute_dtype`` (bfloat16, float16, float32),
+    ``path`` (a local checkpoint instead of a preset; ini ``gpumem_model_path``
+    sets one for every call without ``arch``) and ``device_map`` (default: the
+    current GPU, or the CPU without one). A preset's random-weight checkpoint is
+    made on first use, on the GPU where there is one, outside the measurement.
+    """
+    import torch
+
+    from .plugin import settings_of
+
+    def load(
+        arch: str | None = None,
+        *,
+        size: str = "tiny",
+        quant: str = "nf4",
+        double_quant: bool = True,
+        compute_dtype: str = "bfloat16",
+        path: str | Path | None = None,
+        device_map: Any = _DEFAULT,
+    ) -> Any:
+        models.check_choice("quant", quant, models.QUANTS)
+        models.check_choice("compute_dtype", compute_dtype, models.COMPUTE_DTYPES)
+        if path is None and arch is None:
+            path = settings_of(request.config).model_path
+        if path is None:
+            models.preset(arch or "llama", size)  # a bad name fails before anything is made
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            with gpumem.paused():
+                path = models.make_checkpoint(gpumem_model_dir, arch or "llama", size, device=device)
+        elif not Path(path, "config.json").is_file():
+            raise ValueError(f"quantized_model: {str(path)!r} is not a checkpoint directory (no config.json)")
+        if device_map is _DEFAULT:
+            device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
+        return models.load(path, quant, double_quant, compute_dtype, device_map)
+
+    return load
+
+
+@pytest.fixture
+def lora() -> Callable[..., Any]:
+    """Apply LoRA through peft: ``lora(model, r=8, alpha=None, target_modules="all-linear", dropout=0.0,
+    gradient_checkpointing=True)``; quantized models are prepared with ``prepare_model_for_kbit_training``."""
+    return models.add_lora
+
+
+@pytest.fixture
+def train_step(gpumem: GpuMem) -> Callable[..., list[float]]:
+    """Run real optimizer steps, each a phase of the measurement: ``train_step(model, batch=2, seq=64,
+    steps=2, accumulation=1, gradient_checkpointing=None)``; returns the losses."""
+    return functools.partial(training.train_steps, phase=gpumem.phase)

@@ -53,10 +53,22 @@ class Measurement:
         finally:
             self.exit(name)
 
-    def peak(self, metric: str = "allocated") -> int:
-        """The test's peak of ``metric`` so far, in bytes above what was resident before it."""
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave the enclosed block out: its peak counts for no phase; what it leaves alive counts from then on."""
         self._close_segment()
-        return largest(self._overall, metric) or 0
+        try:
+            yield
+        finally:
+            self._meter.discard()
+
+    def peak(self, metric: str = "allocated", phase: str | None = None) -> int:
+        """The peak of ``metric`` so far, of the test or of one ``phase``, in bytes above what was resident
+        before the test."""
+        self._close_segment()
+        if phase is not None and phase not in self.phases:
+            raise KeyError(f"gpumem.peak: no phase {phase!r} was recorded (recorded: {', '.join(self.phases)})")
+        return largest(self.phases[phase] if phase else self._overall, metric) or 0
 
     def finish(self) -> Sample:
         """Stop measuring and return the sample (phases still open are closed)."""

@@ -20,7 +20,14 @@ import pytest
 
 from . import meters
 from .environment import hardware_key, software_versions
-from .fixtures import MEASUREMENT, gpumem  # noqa: F401  (gpumem: the fixture, registered with the plugin)
+from .fixtures import (  # noqa: F401  (the fixtures are registered with the plugin)
+    MEASUREMENT,
+    gpumem,
+    gpumem_model_dir,
+    lora,
+    quantized_model,
+    train_step,
+)
 from .judge import judge
 from .marker import MARKER_HELP, parse_marker
 from .measurement import Measurement
@@ -62,6 +69,11 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if plugin is not None:
         config.pluginmanager.unregister(plugin)
         del config.stash[PLUGIN]
+
+
+def settings_of(config: pytest.Config) -> Settings:
+    """The run's resolved settings (for fixtures)."""
+    return config.stash[PLUGIN].settings
 
 
 def pytest_report_teststatus(report: pytest.TestReport) -> tuple[str, str, str] | None:

@@ -66,6 +66,12 @@ OPTIONS = (
     ),
     Option("all", "measure every test, not only those with the gpumem marker or fixture.", kind="bool"),
     Option("warn_only", "report regressions and over-budget tests without failing them.", kind="bool"),
+    Option(
+        "model_path",
+        "a local checkpoint directory that quantized_model() loads when called without an "
+        "architecture: guard your real model.",
+        kind="path",
+    ),
     Option("json", "write the full results as JSON to this path.", kind="path", ini=False),
     Option(
         "markdown",
@@ -84,6 +90,7 @@ class Settings:
     tolerance: Tolerance = Tolerance(percent=2.0)  # noqa: RUF009 - frozen, so sharing it is safe
     all: bool = False
     warn_only: bool = False
+    model_path: Path | None = None
     json: Path | None = None
     markdown: Path | None = None
 

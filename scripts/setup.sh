@@ -10,4 +10,4 @@ cd "$(dirname "$0")/.."
 .venv/bin/python -m pip install -q --upgrade pip
 # shellcheck disable=SC2086  # GPUMEM_TORCH may hold several pip arguments
 .venv/bin/python -m pip install -q ${GPUMEM_TORCH:-torch==2.13.0}
-.venv/bin/python -m pip install -q -c scripts/constraints.txt -e ".[examples,test]"
+.venv/bin/python -m pip install -q -c scripts/constraints.txt -e ".[models,test]"

@@ -259,9 +259,7 @@ def test_json_schema_and_summary(pytester):
 
 def test_plugin_can_be_disabled(pytester):
     write_suite(pytester, mib=3, marker='gpumem(budget="2 MiB")')
-    result = pytester.runpytest(
-        "-p", "no:gpumem", "-p", "no:strict-markers", "-W", "ignore::pytest.PytestUnknownMarkWarning"
-    )
+    result = pytester.runpytest("-p", "no:gpumem", "-W", "ignore::pytest.PytestUnknownMarkWarning")
     result.assert_outcomes(passed=2)
     assert "gpumem" not in result.stdout.str()
 

@@ -34,10 +34,11 @@ def run(tmp_path: Path, name: str, *args: str) -> dict:
 def test_example_suite_on_cuda_repeats_to_the_byte_in_any_order(tmp_path):
     first = run(tmp_path, "first")
     reverse = run(tmp_path, "reverse", *sorted(first, reverse=True))
-    assert set(first) == set(reverse) and len(first) == 8
+    assert set(first) == set(reverse) and len(first) == 9
     for nodeid, test in first.items():
         peaks = test["sample"]["phases"]["call"]
-        assert peaks["allocated"]["cuda:0"] > 2**20, nodeid  # the model and its step live on the GPU
-        assert set(test["sample"]["phases"]) >= {"setup", "call", "load", "step0", "step1"}
+        assert peaks["allocated"]["cuda:0"] > 2**19, nodeid  # the model and its steps live on the GPU
+        if "test_finetune_step" in nodeid:
+            assert set(test["sample"]["phases"]) >= {"setup", "call", "load", "step1", "step2"}
         assert peaks["allocated"] == reverse[nodeid]["sample"]["phases"]["call"]["allocated"], nodeid
         assert test["hardware"] != "cpu"

@@ -1,0 +1,19 @@
+"""Import the heavy libraries before any test runs.
+
+The ``pytester`` fixture restores ``sys.modules`` when its test ends, dropping
+whatever that test imported; torch registers operator libraries that cannot be
+registered twice, so a module imported inside such a test and dropped would
+fail when imported again. Imported here, they are part of every snapshot.
+"""
+
+import contextlib
+
+import torch  # noqa: F401
+
+with contextlib.suppress(ImportError):
+    import bitsandbytes  # noqa: F401
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM  # noqa: F401
+
+    from pytest_gpumem import models, training  # noqa: F401
