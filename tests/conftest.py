@@ -8,6 +8,7 @@ fail when imported again. Imported here, they are part of every snapshot.
 
 import contextlib
 
+import pytest
 import torch  # noqa: F401
 
 with contextlib.suppress(ImportError):
@@ -17,3 +18,10 @@ with contextlib.suppress(ImportError):
     from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM  # noqa: F401
 
     from pytest_gpumem import models, training  # noqa: F401
+
+
+@pytest.fixture(autouse=True)
+def cpu_backend_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plugin's own tests run their inner pytest on the cpu backend, on a GPU machine too;
+    the GPU tests ask for ``--gpumem-backend=cuda``, which the command line's precedence honours."""
+    monkeypatch.setenv("GPUMEM_BACKEND", "cpu")
