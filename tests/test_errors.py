@@ -70,6 +70,7 @@ def test_marker_budget_as_positional_and_int(pytester):
 def test_bad_options_stop_the_run_naming_the_source(pytester, monkeypatch, args, ini, env, message):
     if "cuda" in " ".join(args) and torch.cuda.is_available():
         pytest.skip("a GPU is visible here")
+    monkeypatch.delenv("GPUMEM_BACKEND")  # the source under test must be the one that speaks
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     if ini:
