@@ -37,12 +37,6 @@ class GpuMem:
         resident before the test began."""
         return self._measurement.peak(metric, phase)
 
-    @contextmanager
-    def paused(self) -> Iterator[None]:
-        """Leave the enclosed block out of the measurement (what it leaves alive counts from then on)."""
-        with self._measurement.paused():
-            yield
-
 
 @pytest.fixture
 def gpumem(request: pytest.FixtureRequest) -> GpuMem:
@@ -70,7 +64,8 @@ def quantized_model(gpumem: GpuMem, gpumem_model_dir: Path, request: pytest.Fixt
     ``path`` (a local checkpoint instead of a preset; ini ``gpumem_model_path``
     sets one for every call without ``arch``) and ``device_map`` (default: the
     current GPU, or the CPU without one). A preset's random-weight checkpoint is
-    made on first use, on the GPU where there is one, outside the measurement.
+    made on first use, on the GPU where there is one, in a child process, so that
+    nothing of making it (not even a library's cache) is left in the measured one.
     """
     import torch
 
@@ -92,9 +87,7 @@ def quantized_model(gpumem: GpuMem, gpumem_model_dir: Path, request: pytest.Fixt
             path = settings_of(request.config).model_path
         if path is None:
             models.preset(arch or "llama", size)  # a bad name fails before anything is made
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            with gpumem.paused():
-                path = models.make_checkpoint(gpumem_model_dir, arch or "llama", size, device=device)
+            path = models.ensure_checkpoint(gpumem_model_dir, arch or "llama", size)
         elif not Path(path, "config.json").is_file():
             raise ValueError(f"quantized_model: {str(path)!r} is not a checkpoint directory (no config.json)")
         if device_map is _DEFAULT:

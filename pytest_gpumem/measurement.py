@@ -53,15 +53,6 @@ class Measurement:
         finally:
             self.exit(name)
 
-    @contextmanager
-    def paused(self) -> Iterator[None]:
-        """Leave the enclosed block out: its peak counts for no phase; what it leaves alive counts from then on."""
-        self._close_segment()
-        try:
-            yield
-        finally:
-            self._meter.discard()
-
     def peak(self, metric: str = "allocated", phase: str | None = None) -> int:
         """The peak of ``metric`` so far, of the test or of one ``phase``, in bytes above what was resident
         before the test."""

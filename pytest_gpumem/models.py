@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,7 +208,7 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
         raise ValueError(f"quantized_model: unknown {name} {value!r}; choose one of {', '.join(choices)}")
 
 
-def make_checkpoint(root: Path, arch: str, size: str, dtype: str = "bfloat16", device: str | None = None) -> Path:
+def make_checkpoint(root: Path | str, arch: str, size: str, dtype: str = "bfloat16", device: str | None = None) -> Path:
     """The directory of a random-weight checkpoint of the preset, made on ``device`` if missing.
 
     Seeded, so the same preset always gives the same bytes. Written next to
@@ -217,6 +219,7 @@ def make_checkpoint(root: Path, arch: str, size: str, dtype: str = "bfloat16", d
     from transformers import AutoConfig, AutoModelForCausalLM
 
     shape = preset(arch, size)
+    root = Path(root)
     path = root / f"{arch}-{size}-{dtype}"
     if (path / "config.json").is_file():
         return path
@@ -231,6 +234,27 @@ def make_checkpoint(root: Path, arch: str, size: str, dtype: str = "bfloat16", d
         os.rename(staging, path)
     except OSError:  # another worker made it first
         shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def ensure_checkpoint(root: Path, arch: str, size: str, dtype: str = "bfloat16") -> Path:
+    """:func:`make_checkpoint`, in a child process when the checkpoint is missing.
+
+    The child generates on the GPU where there is one (seconds, even for 8B);
+    the measured process only ever loads, which is what a test measures.
+    """
+    preset(arch, size)
+    path = root / f"{arch}-{size}-{dtype}"
+    if not (path / "config.json").is_file():
+        code = (
+            "import sys, torch; from pytest_gpumem.models import make_checkpoint; "
+            "make_checkpoint(*sys.argv[1:5], device='cuda' if torch.cuda.is_available() else 'cpu')"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(root), arch, size, dtype], capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"could not make the {arch} {size} checkpoint in {root}: {done.stderr[-2000:]}")
     return path
 
 

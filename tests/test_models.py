@@ -142,7 +142,7 @@ def test_gradient_checkpointing_saves_measured_activation_memory(checkpoints):
         meter = TrackerMeter()
         meter.begin()
         train_steps(model, batch=4, seq=64, steps=1, gradient_checkpointing=checkpointing)
-        peak = meter.mark()["allocated"]["cpu"]
+        peak = sum(meter.mark()["allocated"].values())  # on a GPU machine the model is on the GPU
         meter.end()
         return peak
 

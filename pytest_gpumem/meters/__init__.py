@@ -3,8 +3,7 @@
 A meter measures one test at a time. ``begin`` cleans up, resets the peak
 statistics and returns what is resident (absolute bytes); each ``mark`` returns
 the peaks *above that* since the previous mark and starts a new segment, so the
-caller can assign segments to phases; ``discard`` drops a segment instead (work
-that must not count, such as generating a checkpoint); ``end`` stops measuring.
+caller can assign segments to phases; ``end`` stops measuring.
 """
 
 from __future__ import annotations
@@ -26,9 +25,6 @@ class Meter(Protocol):
     def begin(self) -> Peaks: ...
 
     def mark(self) -> Peaks: ...
-
-    def discard(self) -> None:
-        """Forget the peak since the last mark (what stays alive still counts from now on)."""
 
     def end(self) -> None: ...
 

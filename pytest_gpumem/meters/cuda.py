@@ -103,10 +103,5 @@ class CudaMeter:
             peaks["device"] = {name: used - before[name] for name, used in self._device_used().items()}
         return peaks
 
-    def discard(self) -> None:
-        torch.accelerator.memory.empty_cache()
-        for index in self.devices:
-            torch.accelerator.memory.reset_peak_memory_stats(index)
-
     def end(self) -> None:
         self._before = {}

@@ -152,10 +152,6 @@ class TrackerMeter:
         # No caching pool on the CPU: what is reserved is what is allocated.
         return {"allocated": peak, "reserved": dict(peak)}
 
-    def discard(self) -> None:
-        assert self._tracker is not None, "discard() outside begin()/end()"
-        self._tracker.restart_peak()
-
     def end(self) -> None:
         if self._tracker is not None:
             self._tracker.__exit__(None, None, None)
