@@ -1,5 +1,6 @@
-"""A stand-in for the plugin when it is disabled (``-p no:gpumem``): the marker and a fixture
-that measures nothing, so that the same suites run with and without the plugin."""
+"""A stand-in for the plugin when it is disabled (``-p no:gpumem``): the marker, a ``gpumem``
+fixture that measures nothing, and the plugin's model fixtures unchanged, so that the same
+suites run with and without the plugin."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import gc
 import os
 
 import pytest
+
+from pytest_gpumem.fixtures import gpumem_model_dir, lora, quantized_model, train_step  # noqa: F401
 
 
 class _Nothing:
