@@ -226,10 +226,10 @@ class GpuMemPlugin:
                 self.results.append(TestResult.from_dict(cast(dict[str, Any], value)))
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        if self.is_worker or not self.results:
+        if self.is_worker:
             return
         try:
-            if self.settings.update_baselines:
+            if self.settings.update_baselines and self.results:
                 self._update_baselines()
             if self.settings.json:
                 _write(self.settings.json, json_report.dumps(json_report.build(self.results, self._environment_doc())))

@@ -257,6 +257,13 @@ def test_json_schema_and_summary(pytester):
     assert test["verdict"]["value"] == MiB
 
 
+def test_json_is_written_when_nothing_was_measured(pytester):
+    pytester.makepyfile("def test_plain(): pass")
+    pytester.runpytest("--gpumem-json=out.json").assert_outcomes(passed=1)
+    doc = json.loads((pytester.path / "out.json").read_text())
+    assert doc["tests"] == [] and doc["summary"]["ok"] == 0
+
+
 def test_plugin_can_be_disabled(pytester):
     write_suite(pytester, mib=3, marker='gpumem(budget="2 MiB")')
     result = pytester.runpytest("-p", "no:gpumem", "-W", "ignore::pytest.PytestUnknownMarkWarning")
