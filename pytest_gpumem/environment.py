@@ -48,18 +48,12 @@ def device_key(name: str, total_memory: int) -> str:
     return key
 
 
-def hardware_key(backend: str) -> tuple[str, tuple[str, ...]]:
-    """The run's hardware key and a description of each device.
-
-    Several GPUs of one model share one key; a mix of models joins them with ``+``.
-    """
+def hardware_key(backend: str) -> str:
+    """The run's hardware key: ``cpu``, or the GPU model. Several GPUs of one model share
+    one key; a mix of models joins them with ``+``."""
     if backend != "cuda":
-        return "cpu", ("cpu",)
+        return "cpu"
     import torch
 
-    keys, devices = [], []
-    for index in range(torch.cuda.device_count()):
-        props = torch.cuda.get_device_properties(index)
-        keys.append(device_key(props.name, props.total_memory))
-        devices.append(f"cuda:{index} {props.name} ({props.total_memory / 2**30:.1f} GiB)")
-    return "+".join(sorted(set(keys))), tuple(devices)
+    props = [torch.cuda.get_device_properties(index) for index in range(torch.cuda.device_count())]
+    return "+".join(sorted({device_key(p.name, p.total_memory) for p in props}))

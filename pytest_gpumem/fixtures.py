@@ -86,7 +86,6 @@ def quantized_model(gpumem: GpuMem, gpumem_model_dir: Path, request: pytest.Fixt
         if path is None and arch is None:
             path = settings_of(request.config).model_path
         if path is None:
-            models.preset(arch or "llama", size)  # a bad name fails before anything is made
             path = models.ensure_checkpoint(gpumem_model_dir, arch or "llama", size)
         elif not Path(path, "config.json").is_file():
             raise ValueError(f"quantized_model: {str(path)!r} is not a checkpoint directory (no config.json)")

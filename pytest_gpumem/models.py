@@ -16,6 +16,8 @@ import shutil
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,6 +210,10 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
         raise ValueError(f"quantized_model: unknown {name} {value!r}; choose one of {', '.join(choices)}")
 
 
+def checkpoint_path(root: Path, arch: str, size: str, dtype: str) -> Path:
+    return root / f"{arch}-{size}-{dtype}"
+
+
 def make_checkpoint(root: Path | str, arch: str, size: str, dtype: str = "bfloat16", device: str | None = None) -> Path:
     """The directory of a random-weight checkpoint of the preset, made on ``device`` if missing.
 
@@ -220,7 +226,7 @@ def make_checkpoint(root: Path | str, arch: str, size: str, dtype: str = "bfloat
 
     shape = preset(arch, size)
     root = Path(root)
-    path = root / f"{arch}-{size}-{dtype}"
+    path = checkpoint_path(root, arch, size, dtype)
     if (path / "config.json").is_file():
         return path
     config = AutoConfig.for_model(arch, **shape.config, use_cache=False)
@@ -244,7 +250,7 @@ def ensure_checkpoint(root: Path, arch: str, size: str, dtype: str = "bfloat16")
     the measured process only ever loads, which is what a test measures.
     """
     preset(arch, size)
-    path = root / f"{arch}-{size}-{dtype}"
+    path = checkpoint_path(root, arch, size, dtype)
     if not (path / "config.json").is_file():
         code = (
             "import sys, torch; from pytest_gpumem.models import make_checkpoint; "
@@ -291,6 +297,27 @@ def load(path: Path | str, quant: str, double_quant: bool, compute_dtype: str, d
     return model
 
 
+_CHECKPOINTING = {"use_reentrant": False}  # transformers' own default, which peft would override with {}
+
+
+@contextmanager
+def _quiet_checkpointing_aliases() -> Iterator[None]:
+    """peft calls transformers 5's deprecated checkpointing aliases; nothing for the user to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
+        yield
+
+
+def set_gradient_checkpointing(model: Any, enabled: bool) -> None:
+    """Turn gradient checkpointing on or off (through a peft wrapper too)."""
+    with _quiet_checkpointing_aliases():
+        if enabled:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=_CHECKPOINTING)
+            model.enable_input_require_grads()
+        else:
+            model.gradient_checkpointing_disable()
+
+
 def is_quantized(model: Any) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
@@ -315,19 +342,15 @@ def add_lora(
 
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise ValueError(f"lora: r must be a positive int, got {r!r}")
-    checkpointing_kwargs = {"use_reentrant": False}
-    with warnings.catch_warnings():
-        # peft calls transformers 5's deprecated checkpointing aliases; nothing to act on.
-        warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
+    with _quiet_checkpointing_aliases():
         if is_quantized(model):
             model = prepare_model_for_kbit_training(
                 model,
                 use_gradient_checkpointing=gradient_checkpointing,
-                gradient_checkpointing_kwargs=checkpointing_kwargs,
+                gradient_checkpointing_kwargs=_CHECKPOINTING,
             )
         elif gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
-            model.enable_input_require_grads()
+            set_gradient_checkpointing(model, True)
         import torch
 
         torch.manual_seed(seed)  # LoRA A matrices come from the global generator

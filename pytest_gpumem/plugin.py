@@ -110,8 +110,8 @@ class GpuMemPlugin:
     @property
     def environment(self) -> Environment:
         if self._environment is None:
-            hardware, devices = hardware_key(self.meter.backend)
-            self._environment = Environment(self.meter.backend, hardware, devices, software_versions())
+            backend = self.meter.backend
+            self._environment = Environment(backend, hardware_key(backend), software_versions())
         return self._environment
 
     def _is_measured(self, item: pytest.Item) -> bool:
@@ -228,13 +228,19 @@ class GpuMemPlugin:
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if self.is_worker:
             return
+        software = self._environment.software if self._environment else software_versions()
+        environment = {
+            "backends": sorted({r.sample.backend for r in self.results}),
+            "hardware": sorted({r.hardware for r in self.results}),
+            "software": software,
+        }
         try:
             if self.settings.update_baselines and self.results:
-                self._update_baselines()
+                self._update_baselines(software)
             if self.settings.json:
-                _write(self.settings.json, json_report.dumps(json_report.build(self.results, self._environment_doc())))
+                _write(self.settings.json, json_report.dumps(json_report.build(self.results, environment)))
             if self.settings.markdown:
-                text = markdown.render(self.results, self._environment_doc(), self.settings.warn_only)
+                text = markdown.render(self.results, environment, self.settings.warn_only)
                 _write(self.settings.markdown, text)
                 if os.environ.get("GITHUB_STEP_SUMMARY"):
                     with open(os.environ["GITHUB_STEP_SUMMARY"], "a", encoding="utf-8") as handle:
@@ -243,7 +249,7 @@ class GpuMemPlugin:
             self.errors.append(f"gpumem: could not write results: {exc}")
             session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
 
-    def _update_baselines(self) -> None:
+    def _update_baselines(self, software: dict[str, str]) -> None:
         now = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
         by_hardware: dict[str, dict[str, Baseline]] = {}
         for result in self.results:
@@ -251,22 +257,12 @@ class GpuMemPlugin:
                 by_hardware.setdefault(result.hardware, {})[result.nodeid] = Baseline(
                     metrics=result.sample.phases.get("call", {}),
                     phases=result.sample.phases,
-                    software=self._software(),
+                    software=software,
                     recorded=now,
                     backend=result.sample.backend,
                 )
         for hardware, entries in sorted(by_hardware.items()):
             self.updates.append(self.store.update(hardware, entries))
-
-    def _software(self) -> dict[str, str]:
-        return self._environment.software if self._environment else software_versions()
-
-    def _environment_doc(self) -> dict[str, Any]:
-        return {
-            "backends": sorted({r.sample.backend for r in self.results}),
-            "hardware": sorted({r.hardware for r in self.results}),
-            "software": self._software(),
-        }
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if not self.results and not self.errors:

@@ -59,11 +59,6 @@ class Sample:
         """The test's peak of ``metric`` in ``phase``, over all devices."""
         return largest(self.phases.get(phase, {}), metric)
 
-    @property
-    def devices(self) -> list[str]:
-        """Every device that appears in any phase, sorted."""
-        return sorted({d for peaks in self.phases.values() for per in peaks.values() for d in per})
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -182,13 +177,4 @@ class Environment:
 
     backend: str
     hardware: str
-    devices: tuple[str, ...]
     software: dict[str, str] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "backend": self.backend,
-            "hardware": self.hardware,
-            "devices": list(self.devices),
-            "software": self.software,
-        }

@@ -8,21 +8,11 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
+from .models import set_gradient_checkpointing
+
 
 class GpuMemWarning(UserWarning):
     """Something about a measured setup the user should know (it changes what is measured)."""
-
-
-def set_gradient_checkpointing(model: Any, enabled: bool) -> None:
-    """Turn gradient checkpointing on or off (through a peft wrapper too)."""
-    kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
-        if enabled:
-            model.gradient_checkpointing_enable(**kwargs)
-            model.enable_input_require_grads()
-        else:
-            model.gradient_checkpointing_disable()
 
 
 def train_steps(

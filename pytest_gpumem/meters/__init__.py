@@ -19,7 +19,6 @@ BACKENDS = ("auto", "cuda", "cpu")
 
 class Meter(Protocol):
     backend: str
-    description: str
     metrics: tuple[str, ...]
 
     def begin(self) -> Peaks: ...

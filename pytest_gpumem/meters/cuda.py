@@ -63,9 +63,6 @@ class CudaMeter:
             _warm_up(name)
         self._nvml = _nvml_handles(len(self.devices))
         self.metrics: tuple[str, ...] = ("allocated", "reserved") + (("device",) if self._nvml else ())
-        self.description = f"cuda ({len(self.devices)} device{'s' * (len(self.devices) != 1)}, allocator statistics" + (
-            " + NVML)" if self._nvml else "; NVML unavailable, no device metric)"
-        )
         self._before: Peaks = {}
 
     def _device_used(self) -> dict[str, int]:

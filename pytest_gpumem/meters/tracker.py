@@ -129,7 +129,6 @@ class TrackerMeter:
     """Meter of the ``cpu`` backend; see the module docstring for what it counts."""
 
     backend = "cpu"
-    description = "cpu (live tensor storages counted per operator)"
     metrics: tuple[str, ...] = ("allocated", "reserved")
 
     def __init__(self) -> None:
