@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from . import models, training
-from .measurement import Measurement
+from .measurement import KNOBS, Measurement
 
 MEASUREMENT = pytest.StashKey[Measurement]()
 """The running measurement of an item, in ``item.stash`` from setup until its report."""
@@ -36,6 +36,33 @@ class GpuMem:
         """The peak of ``metric`` so far, of the test or of one named ``phase``, in bytes above what was
         resident before the test began."""
         return self._measurement.peak(metric, phase)
+
+    def register(
+        self, model: Any = None, optimizer: Any = None, step: Callable[..., Any] | None = None, **knobs: Any
+    ) -> None:
+        """Show the advisor a training setup the fixtures did not build.
+
+        ``model`` and ``optimizer`` are inspected (mode, checkpointing, dtypes,
+        quantization, LoRA, optimizer kind). ``step``, called with knobs as
+        keyword arguments (``batch``, ``seq``, ``accumulation``, ``steps``,
+        ``gradient_checkpointing``, ``autocast``, ``optimizer``: those it
+        accepts), runs one training step; with it, the advisor measures what
+        each lever saves by running it again with one knob changed. ``knobs``
+        are the values the test ran with, e.g. ``batch=4, seq=1024``.
+        """
+        unknown = sorted(set(knobs) - set(KNOBS))
+        if unknown:
+            raise ValueError(f"gpumem.register: unknown knob {unknown[0]!r}; known knobs: {', '.join(KNOBS)}")
+        if step is not None and not callable(step):
+            raise ValueError(f"gpumem.register: step must be callable, got {step!r}")
+        registration = self._measurement.registration
+        if model is not None:
+            registration.add_model(model)
+        if optimizer is not None:
+            registration.add_optimizer(optimizer)
+        if step is not None:
+            registration.step = step
+        registration.knobs.update(knobs)
 
 
 @pytest.fixture

@@ -10,11 +10,50 @@ keeps the larger peak.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
 from .meters import Meter
 from .sample import Peaks, Sample, largest, merge_max
+
+KNOBS = ("batch", "seq", "accumulation", "steps", "gradient_checkpointing", "autocast", "optimizer")
+"""The knob names the advisor knows how to turn: per-device batch size, sequence length,
+gradient accumulation steps, optimizer steps, gradient checkpointing (bool), autocast dtype
+("bfloat16" or None) and optimizer ("adamw", "adamw8bit", "paged_adamw8bit")."""
+
+
+@dataclass
+class Registration:
+    """What a test made visible of its training setup, for the advisor.
+
+    ``step`` runs the test's training step again with knobs given as keyword
+    arguments (a subset of :data:`KNOBS`); ``knobs`` are the values the test
+    ran with. The fixtures register themselves; a test with its own training
+    code registers through ``gpumem.register(...)``.
+    """
+
+    models: list[Any] = field(default_factory=list)
+    optimizers: list[Any] = field(default_factory=list)
+    step: Callable[..., Any] | None = None
+    knobs: dict[str, Any] = field(default_factory=dict)
+
+    def add_model(self, model: Any) -> None:
+        if all(m is not model for m in self.models):
+            self.models.append(model)
+
+    def add_optimizer(self, optimizer: Any) -> None:
+        if all(o is not optimizer for o in self.optimizers):
+            self.optimizers.append(optimizer)
+
+
+_active: Measurement | None = None
+
+
+def active() -> Measurement | None:
+    """The measurement of the test running now (for hooks that have no fixture: a Trainer callback)."""
+    return _active
 
 
 class Measurement:
@@ -27,6 +66,9 @@ class Measurement:
         self._open: list[str] = []
         self._overall: Peaks = {}
         self.finished = False
+        self.registration = Registration()
+        global _active
+        _active = self
 
     def _close_segment(self) -> None:
         segment = self._meter.mark()
@@ -68,4 +110,7 @@ class Measurement:
             self._open.clear()
             self._meter.end()
             self.finished = True
+            global _active
+            if _active is self:
+                _active = None
         return Sample(backend=self._meter.backend, before=self.before, phases=self.phases)

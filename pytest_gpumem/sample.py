@@ -18,6 +18,13 @@ METRICS = ("allocated", "reserved", "device")
 """``allocated``: bytes of live tensors (PyTorch allocator); ``reserved``: bytes the
 caching allocator holds from the device; ``device``: the device's own used memory (NVML)."""
 
+CONSUMERS = ("weights", "gradients", "optimizer", "activations")
+"""What the allocated peak is split into: parameters and buffers (quantized storage and its
+statistics included), gradients, optimizer state, and activations (saved for backward, and
+temporaries alive at the peak)."""
+
+STAGES = ("load", "forward", "backward", "optimizer")
+
 STATUSES = ("ok", "new", "improved", "regression", "over_budget", "oom")
 FAILING = frozenset({"regression", "over_budget", "oom"})
 
@@ -41,6 +48,84 @@ def merge_max(into: Peaks, other: Peaks) -> None:
 
 
 @dataclass
+class Breakdown:
+    """Bytes per consumer at one moment; ``layer_activations`` is the part of ``activations``
+    made inside the model's repeated blocks (decoder layers), the part that gradient
+    checkpointing and shorter sequences act on."""
+
+    weights: int = 0
+    gradients: int = 0
+    optimizer: int = 0
+    activations: int = 0
+    layer_activations: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Breakdown:
+        return cls(**{k: int(v) for k, v in data.items() if k in _BREAKDOWN_FIELDS})
+
+
+_BREAKDOWN_FIELDS = frozenset(("weights", "gradients", "optimizer", "activations", "layer_activations"))
+
+
+@dataclass
+class Attribution:
+    """Where the call phase's allocated peak went, and when it happened.
+
+    ``peak`` splits the allocated peak on ``device`` by consumer; ``stages`` holds
+    the breakdown at the highest moment of each stage (forward, backward,
+    optimizer, load), so that a lever that lowers one stage can be weighed against
+    the others. ``fragmentation`` is what the caching allocator reserved beyond
+    the allocated peak (reserved peak - allocated peak) and ``context`` what the
+    device used beyond that (NVML - reserved: the CUDA context, library
+    workspaces, other processes); both are 0 where not measured. ``phase`` is the
+    innermost measurement phase at the peak, ``stage`` one of :data:`STAGES` (or
+    empty), ``module`` the qualified name of the module running (or an autograd
+    node's name in backward), where known.
+    """
+
+    peak: Breakdown
+    device: str = ""
+    phase: str = ""
+    stage: str = ""
+    module: str = ""
+    stages: dict[str, Breakdown] = field(default_factory=dict)
+    fragmentation: int = 0
+    context: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "peak": self.peak.to_dict(),
+            "device": self.device,
+            "phase": self.phase,
+            "stage": self.stage,
+            "module": self.module,
+            "stages": {name: b.to_dict() for name, b in self.stages.items()},
+            "fragmentation": self.fragmentation,
+            "context": self.context,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Attribution:
+        return cls(
+            peak=Breakdown.from_dict(data["peak"]),
+            device=data.get("device", ""),
+            phase=data.get("phase", ""),
+            stage=data.get("stage", ""),
+            module=data.get("module", ""),
+            stages={name: Breakdown.from_dict(b) for name, b in data.get("stages", {}).items()},
+            fragmentation=int(data.get("fragmentation", 0)),
+            context=int(data.get("context", 0)),
+        )
+
+
+@dataclass
 class Sample:
     """What a meter measured for one test.
 
@@ -54,17 +139,29 @@ class Sample:
     backend: str
     before: Peaks = field(default_factory=dict)
     phases: dict[str, Peaks] = field(default_factory=dict)
+    attribution: Attribution | None = None
 
     def value(self, metric: str, phase: str = "call") -> int | None:
         """The test's peak of ``metric`` in ``phase``, over all devices."""
         return largest(self.phases.get(phase, {}), metric)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {
+            "backend": self.backend,
+            "before": self.before,
+            "phases": self.phases,
+            "attribution": self.attribution.to_dict() if self.attribution else None,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Sample:
-        return cls(backend=data["backend"], before=data.get("before", {}), phases=data.get("phases", {}))
+        attribution = data.get("attribution")
+        return cls(
+            backend=data["backend"],
+            before=data.get("before", {}),
+            phases=data.get("phases", {}),
+            attribution=Attribution.from_dict(attribution) if attribution else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -85,18 +182,23 @@ class Baseline:
     software: dict[str, str]
     recorded: str
     backend: str
+    attribution: Attribution | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["attribution"] = self.attribution.to_dict() if self.attribution else None
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Baseline:
+        attribution = data.get("attribution")
         return cls(
             metrics=data["metrics"],
             phases=data.get("phases", {}),
             software=data.get("software", {}),
             recorded=data.get("recorded", ""),
             backend=data.get("backend", ""),
+            attribution=Attribution.from_dict(attribution) if attribution else None,
         )
 
 
@@ -132,6 +234,71 @@ class Verdict:
         return cls(**data)
 
 
+LEVERS = ("fix", "batch", "checkpointing", "seq", "bf16", "lora", "qlora", "rank", "optimizer")
+"""The levers, in the order of their cost to quality: fixing an ineffective or counterproductive
+setting (free), smaller batch with gradient accumulation, gradient checkpointing, shorter
+max_seq_length, bf16 mixed precision, LoRA instead of full fine-tuning, 4-bit QLoRA, lower LoRA
+rank or fewer target modules, 8-bit or paged optimizer."""
+
+
+@dataclass
+class Lever:
+    """One way to give memory back, with what it saves on this test's peak.
+
+    ``saving`` is the bytes the test's peak would drop by (negative: it would
+    grow); it is ``measured`` where the advisor re-ran the step with the lever
+    applied, else ``estimated`` from the attribution, and ``basis`` says how.
+    ``estimated`` is kept beside a measured saving so the two can be compared.
+    """
+
+    key: str
+    action: str
+    saving: int
+    source: str  # "measured" | "estimated"
+    basis: str = ""
+    estimated: int | None = None
+
+    @property
+    def rank(self) -> int:
+        return LEVERS.index(self.key)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Lever:
+        return cls(**data)
+
+
+@dataclass
+class Advice:
+    """The advisor's answer: settings that do nothing or cost memory (said first), the applicable
+    levers in order of cost to quality, and the cheapest combination that frees ``needed`` bytes
+    (what the test must give back to meet its budget or baseline; None when nothing is needed)."""
+
+    findings: list[str] = field(default_factory=list)
+    levers: list[Lever] = field(default_factory=list)
+    needed: int | None = None
+    recommended: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "findings": self.findings,
+            "levers": [lever.to_dict() for lever in self.levers],
+            "needed": self.needed,
+            "recommended": self.recommended,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Advice:
+        return cls(
+            findings=list(data.get("findings", [])),
+            levers=[Lever.from_dict(lever) for lever in data.get("levers", [])],
+            needed=data.get("needed"),
+            recommended=list(data.get("recommended", [])),
+        )
+
+
 @dataclass
 class TestResult:
     """Everything known about one measured test, as reporters and the store need it.
@@ -148,6 +315,7 @@ class TestResult:
     verdict: Verdict
     passed: bool
     baseline: Baseline | None = None
+    advice: Advice | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -157,6 +325,7 @@ class TestResult:
             "sample": self.sample.to_dict(),
             "verdict": self.verdict.to_dict(),
             "baseline": self.baseline.to_dict() if self.baseline else None,
+            "advice": self.advice.to_dict() if self.advice else None,
         }
 
     @classmethod
@@ -168,6 +337,7 @@ class TestResult:
             sample=Sample.from_dict(data["sample"]),
             verdict=Verdict.from_dict(data["verdict"]),
             baseline=Baseline.from_dict(data["baseline"]) if data.get("baseline") else None,
+            advice=Advice.from_dict(data["advice"]) if data.get("advice") else None,
         )
 
 
