@@ -72,6 +72,20 @@ OPTIONS = (
         "architecture: guard your real model.",
         kind="path",
     ),
+    Option(
+        "explain",
+        "which tests the advisor explains by re-running their training step with one lever at a time "
+        "(measured savings): failed (tests that fail on memory), all, or none. Default: failed.",
+        kind="choice",
+        choices=("failed", "all", "none"),
+    ),
+    Option(
+        "snapshot",
+        "write a PyTorch memory snapshot (open it at https://pytorch.org/memory_viz) of every test that "
+        "regressed or went over budget into this directory, named after the test.",
+        kind="path",
+        ini=False,
+    ),
     Option("json", "write the full results as JSON to this path.", kind="path", ini=False),
     Option(
         "markdown",
@@ -91,6 +105,8 @@ class Settings:
     all: bool = False
     warn_only: bool = False
     model_path: Path | None = None
+    explain: str = "failed"
+    snapshot: Path | None = None
     json: Path | None = None
     markdown: Path | None = None
 
