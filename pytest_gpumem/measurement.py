@@ -15,8 +15,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from .attribution import Attributor
 from .meters import Meter
-from .sample import Peaks, Sample, largest, merge_max
+from .sample import Attribution, Peaks, Sample, largest, merge_max
+from .snapshot import cuda_snapshot, from_records, start_cuda_history, stop_cuda_history
 
 KNOBS = ("batch", "seq", "accumulation", "steps", "gradient_checkpointing", "autocast", "optimizer")
 """The knob names the advisor knows how to turn: per-device batch size, sequence length,
@@ -40,8 +42,8 @@ class Registration:
     knobs: dict[str, Any] = field(default_factory=dict)
 
     def add_model(self, model: Any) -> None:
-        if all(m is not model for m in self.models):
-            self.models.append(model)
+        """Register ``model``; the latest registered comes first (``lora`` wraps what ``quantized_model`` made)."""
+        self.models = [model] + [m for m in self.models if m is not model]
 
     def add_optimizer(self, optimizer: Any) -> None:
         if all(o is not optimizer for o in self.optimizers):
@@ -59,14 +61,22 @@ def active() -> Measurement | None:
 class Measurement:
     """Measures one test from ``begin`` (in the constructor) to :meth:`finish`."""
 
-    def __init__(self, meter: Meter) -> None:
+    def __init__(self, meter: Meter, snapshot: bool = False) -> None:
         self._meter = meter
         self.before = meter.begin()
+        tracker = getattr(meter, "tracker", None)
+        self._attributor = Attributor(tracker) if tracker is not None else None
+        self._snapshot = snapshot
+        self.snapshot: dict[str, Any] | None = None  # with ``snapshot=True``, the test's memory snapshot
+        if snapshot and meter.backend == "cuda":
+            start_cuda_history()
         self.phases: dict[str, Peaks] = {}
         self._open: list[str] = []
         self._overall: Peaks = {}
         self.finished = False
         self.registration = Registration()
+        self.attribution: Attribution | None = None
+        self.probe: Any = None  # an introspect.Probe on the latest registered model
         global _active
         _active = self
 
@@ -80,11 +90,40 @@ class Measurement:
         self._close_segment()
         self.phases.setdefault(name, {})
         self._open.append(name)
+        if self._attributor is not None:
+            self._attributor.tracker.phase = name
+            if name == "call":
+                self._attributor.tracker.restart_window()
 
     def exit(self, name: str) -> None:
         self._close_segment()
         # The innermost phase of that name: phases close in reverse order of opening.
         del self._open[len(self._open) - 1 - self._open[::-1].index(name)]
+        if self._attributor is not None:
+            self._attributor.tracker.phase = self._open[-1] if self._open else ""
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Label the enclosed block as stage ``name`` (``load``) in the attribution."""
+        if self._attributor is None:
+            yield
+            return
+        with self._attributor.stage(name):
+            yield
+
+    def register_model(self, model: Any) -> None:
+        """Register a model for the advisor (watched by a probe while the test runs), and its weights
+        for the attribution now (before a forward)."""
+        if self.finished:
+            return
+        self.registration.add_model(model)
+        if self._attributor is not None:
+            self._attributor.register_model(model)
+        from .introspect import Probe
+
+        if self.probe is not None:
+            self.probe.detach()
+        self.probe = Probe(model)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -103,14 +142,28 @@ class Measurement:
             raise KeyError(f"gpumem.peak: no phase {phase!r} was recorded (recorded: {', '.join(self.phases)})")
         return largest(self.phases[phase] if phase else self._overall, metric) or 0
 
+    def _take_snapshot(self) -> dict[str, Any] | None:
+        if self._meter.backend == "cuda":
+            snapshot = cuda_snapshot()
+            stop_cuda_history()
+            return snapshot
+        return from_records(self._attributor.tracker.records) if self._attributor is not None else None
+
     def finish(self) -> Sample:
         """Stop measuring and return the sample (phases still open are closed)."""
         if not self.finished:
             self._close_segment()
             self._open.clear()
+            if self._attributor is not None:
+                self.attribution = self._attributor.result(self.phases.get("call", {}))
+                self._attributor.close()
+            if self._snapshot:
+                self.snapshot = self._take_snapshot()
+            if self.probe is not None:
+                self.probe.detach()
             self._meter.end()
             self.finished = True
             global _active
             if _active is self:
                 _active = None
-        return Sample(backend=self._meter.backend, before=self.before, phases=self.phases)
+        return Sample(backend=self._meter.backend, before=self.before, phases=self.phases, attribution=self.attribution)

@@ -316,6 +316,7 @@ class TestResult:
     passed: bool
     baseline: Baseline | None = None
     advice: Advice | None = None
+    snapshot: str = ""  # the memory snapshot written for it (--gpumem-snapshot), if any
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -326,6 +327,7 @@ class TestResult:
             "verdict": self.verdict.to_dict(),
             "baseline": self.baseline.to_dict() if self.baseline else None,
             "advice": self.advice.to_dict() if self.advice else None,
+            "snapshot": self.snapshot,
         }
 
     @classmethod
@@ -338,6 +340,7 @@ class TestResult:
             verdict=Verdict.from_dict(data["verdict"]),
             baseline=Baseline.from_dict(data["baseline"]) if data.get("baseline") else None,
             advice=Advice.from_dict(data["advice"]) if data.get("advice") else None,
+            snapshot=data.get("snapshot", ""),
         )
 
 

@@ -68,12 +68,13 @@ def resolve_backend(backend: str) -> str:
     return "cpu"
 
 
-def create(backend: str) -> Meter:
-    """The meter of ``backend``; NoBackend where it cannot measure here."""
+def create(backend: str, attribute: bool = True) -> Meter:
+    """The meter of ``backend``; NoBackend where it cannot measure here. ``attribute``: also keep what
+    the attribution needs (a storage tracker, on the cuda backend too)."""
     if resolve_backend(backend) == "cuda":
         from .cuda import CudaMeter
 
-        return CudaMeter()
+        return CudaMeter(attribute=attribute)
     from .tracker import TrackerMeter
 
-    return TrackerMeter()
+    return TrackerMeter(attribute=attribute)

@@ -19,6 +19,7 @@ import torch
 
 from ..sample import Peaks
 from . import release_failures
+from .tracker import StorageTracker
 
 
 def _nvml_handles(count: int) -> list[Any] | None:
@@ -56,7 +57,9 @@ class CudaMeter:
 
     backend = "cuda"
 
-    def __init__(self) -> None:
+    def __init__(self, attribute: bool = True) -> None:
+        self._attribute = attribute
+        self.tracker: StorageTracker | None = None
         self.devices = list(range(torch.cuda.device_count()))
         self.names = [f"cuda:{index}" for index in self.devices]
         for name in self.names:
@@ -86,6 +89,10 @@ class CudaMeter:
         if self._nvml:
             before["device"] = self._device_used()
         self._before = before
+        if self._attribute:
+            # Attribution only: the allocator's own statistics stay the measurement.
+            self.tracker = StorageTracker(attribute=True, allocator_blocks=True)
+            self.tracker.__enter__()
         return before
 
     def mark(self) -> Peaks:
@@ -102,3 +109,7 @@ class CudaMeter:
 
     def end(self) -> None:
         self._before = {}
+        if self.tracker is not None:
+            self.tracker.__exit__(None, None, None)
+            self.tracker.forget()
+            self.tracker = None

@@ -53,8 +53,34 @@ def _fresh_returns(func: Any) -> tuple[int, ...]:
     return (WHOLE,) if fresh and len(schema.returns) == 1 else fresh
 
 
+WEIGHTS, GRADIENTS, OPTIMIZER, ACTIVATIONS = range(4)
+"""Categories of a tracked storage; a storage starts as an activation (or temporary) and is
+re-classified when it is seen to be a parameter, a gradient or optimizer state."""
+
+ALIVE = float("inf")
+_current_node = torch._C._current_autograd_node
+
+
+def block_size(nbytes: int) -> int:
+    """What PyTorch's CUDA caching allocator charges for a request: at least 512 bytes, in 512-byte
+    blocks (and nothing for an empty tensor)."""
+    return 0 if nbytes == 0 else max(512, (nbytes + 511) // 512 * 512)
+
+
 class StorageTracker(TorchDispatchMode):
-    """Counts live bytes per device of the storages created while it is active, with their peak."""
+    """Counts live bytes per device of the storages created while it is active, with their peak.
+
+    With ``attribute=True`` it also keeps a record of every storage (its bytes,
+    device, when it was made and freed, its category, and whether a decoder
+    layer's forward made it), and the moment of the peak of a window (the
+    call phase) and of each stage within it, so that :meth:`breakdown` can
+    later split the bytes alive at that moment by consumer. Re-classifying a
+    storage (a parameter seen in a forward, a gradient seen by the optimizer)
+    changes its record, so a breakdown is right even for a peak reached
+    before the storage's role was known. ``phase``, ``stage_override``,
+    ``module_stack`` and ``layer_depth`` are kept current by the attributor's
+    hooks.
+    """
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
@@ -62,11 +88,21 @@ class StorageTracker(TorchDispatchMode):
         # shim: a second Python frame per operator and an import of torch._dynamo.
         return False
 
-    def __init__(self) -> None:
+    def __init__(self, attribute: bool = False, allocator_blocks: bool = False) -> None:
         super().__init__()
-        self._live: dict[int, tuple[weakref.ref, str, int]] = {}
+        self._live: dict[int, tuple[weakref.ref, list[Any]]] = {}
         self.current: dict[str, int] = {}
         self.peak: dict[str, int] = {}
+        self.attribute = attribute
+        self.allocator_blocks = allocator_blocks  # round to the CUDA allocator's blocks (its own count)
+        self.seq = 0
+        self.records: list[list[Any]] = []  # [nbytes, device, made, freed, category, in_layer]
+        self.window: dict[str, tuple[int, int, tuple[str, str, Any]]] | None = None  # device -> (bytes, seq, where)
+        self.stage_peaks: dict[str, dict[str, tuple[int, int]]] = {}  # stage -> device -> (bytes, seq)
+        self.phase = ""
+        self.stage_override = ""
+        self.module_stack: list[int] = []
+        self.layer_depth = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
@@ -103,16 +139,44 @@ class StorageTracker(TorchDispatchMode):
         if device == "meta":
             return
         nbytes = storage.nbytes()
-        self._live[key] = (weakref.ref(storage, partial(self._release, key)), device, nbytes)
+        if self.allocator_blocks and device != "cpu":
+            nbytes = block_size(nbytes)
+        self.seq += 1
+        record = [nbytes, device, self.seq, ALIVE, ACTIVATIONS, self.layer_depth > 0]
+        self._live[key] = (weakref.ref(storage, partial(self._release, key)), record)
         now = self.current.get(device, 0) + nbytes
         self.current[device] = now
         if now > self.peak.get(device, 0):
             self.peak[device] = now
+        if self.attribute:
+            self.records.append(record)
+            if self.window is not None:
+                self._note(device, now)
+
+    def _note(self, device: str, now: int) -> None:
+        """Keep the moment of the window's peak and of each stage's peak on ``device``."""
+        node = _current_node()
+        stage = "backward" if node is not None else self.stage_override or ("forward" if self.module_stack else "")
+        peaks = self.stage_peaks.get(stage)
+        if peaks is None:
+            peaks = self.stage_peaks[stage] = {}
+        best = peaks.get(device)
+        if best is None or now > best[0]:
+            peaks[device] = (now, self.seq)
+        window = self.window
+        assert window is not None
+        best_window = window.get(device)
+        if best_window is None or now > best_window[0]:
+            module: Any = node.name() if node is not None else (self.module_stack[-1] if self.module_stack else None)
+            window[device] = (now, self.seq, (self.phase, stage, module))
 
     def _release(self, key: int, _ref: object = None) -> None:
         entry = self._live.pop(key, None)
         if entry is not None:
-            self.current[entry[1]] -= entry[2]
+            record = entry[1]
+            self.current[record[1]] -= record[0]
+            self.seq += 1
+            record[3] = self.seq
 
     def restart_peak(self) -> dict[str, int]:
         """The peak per device since the last restart; the next one starts at the current level."""
@@ -120,9 +184,34 @@ class StorageTracker(TorchDispatchMode):
         self.peak = dict(self.current)
         return peak
 
+    def restart_window(self) -> None:
+        """Start the window whose peak is attributed (the call phase): its peaks start at the current level."""
+        self.window = {device: (now, self.seq, (self.phase, "", None)) for device, now in self.current.items()}
+        self.stage_peaks = {}
+
+    def classify(self, tensor: Any, category: int) -> None:
+        """Record that ``tensor``'s storage is a weight, a gradient or optimizer state (if it is tracked)."""
+        try:
+            entry = self._live.get(tensor.untyped_storage()._cdata)
+        except (AttributeError, RuntimeError, NotImplementedError):
+            return
+        if entry is not None:
+            entry[1][4] = category
+
+    def breakdown(self, device: str, seq: int) -> list[int]:
+        """Bytes on ``device`` alive at moment ``seq``, per category, plus the layer-made activations."""
+        totals = [0, 0, 0, 0, 0]
+        for nbytes, where, made, freed, category, in_layer in self.records:
+            if where == device and made <= seq < freed:
+                totals[category] += nbytes
+                if category == ACTIVATIONS and in_layer:
+                    totals[4] += nbytes
+        return totals
+
     def forget(self) -> None:
         """Stop tracking: dropping the weak references also drops their callbacks."""
         self._live.clear()
+        self.records = []
 
 
 class TrackerMeter:
@@ -131,13 +220,19 @@ class TrackerMeter:
     backend = "cpu"
     metrics: tuple[str, ...] = ("allocated", "reserved")
 
-    def __init__(self) -> None:
+    def __init__(self, attribute: bool = True) -> None:
         self._tracker: StorageTracker | None = None
         self._async_load: str | None = None
+        self._attribute = attribute
+
+    @property
+    def tracker(self) -> StorageTracker | None:
+        """The running tracker, for attribution (None outside begin/end or without attribution)."""
+        return self._tracker if self._attribute else None
 
     def begin(self) -> Peaks:
         release_failures()
-        self._tracker = StorageTracker()
+        self._tracker = StorageTracker(attribute=self._attribute)
         self._tracker.current["cpu"] = 0
         self._tracker.peak["cpu"] = 0
         self._async_load = os.environ.get(_ASYNC_LOAD)
