@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,7 +58,7 @@ class GpuMem:
             raise ValueError(f"gpumem.register: step must be callable, got {step!r}")
         registration = self._measurement.registration
         if model is not None:
-            registration.add_model(model)
+            self._measurement.register_model(model)
         if optimizer is not None:
             registration.add_optimizer(optimizer)
         if step is not None:
@@ -118,20 +119,51 @@ def quantized_model(gpumem: GpuMem, gpumem_model_dir: Path, request: pytest.Fixt
             raise ValueError(f"quantized_model: {str(path)!r} is not a checkpoint directory (no config.json)")
         if device_map is _DEFAULT:
             device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
-        return models.load(path, quant, double_quant, compute_dtype, device_map)
+        measurement = request.node.stash[MEASUREMENT]
+        with measurement.stage("load"):
+            model = models.load(path, quant, double_quant, compute_dtype, device_map)
+        measurement.register_model(model)
+        return model
 
     return load
 
 
 @pytest.fixture
-def lora() -> Callable[..., Any]:
+def lora(request: pytest.FixtureRequest) -> Callable[..., Any]:
     """Apply LoRA through peft: ``lora(model, r=8, alpha=None, target_modules="all-linear", dropout=0.0,
     gradient_checkpointing=True)``; quantized models are prepared with ``prepare_model_for_kbit_training``."""
-    return models.add_lora
+
+    @functools.wraps(models.add_lora)
+    def apply(model: Any, *args: Any, **kwargs: Any) -> Any:
+        model = models.add_lora(model, *args, **kwargs)
+        measurement = request.node.stash.get(MEASUREMENT, None)
+        if measurement is not None:
+            measurement.register_model(model)
+        return model
+
+    return apply
+
+
+_TRAIN_STEPS = inspect.signature(training.train_steps)
 
 
 @pytest.fixture
-def train_step(gpumem: GpuMem) -> Callable[..., list[float]]:
+def train_step(gpumem: GpuMem, request: pytest.FixtureRequest) -> Callable[..., list[float]]:
     """Run real optimizer steps, each a phase of the measurement: ``train_step(model, batch=2, seq=64,
-    steps=2, accumulation=1, gradient_checkpointing=None)``; returns the losses."""
-    return functools.partial(training.train_steps, phase=gpumem.phase)
+    steps=2, accumulation=1, gradient_checkpointing=None, autocast=None, optimizer="adamw")``; returns the
+    losses. The advisor sees the model and these knobs, and may run the step again with one knob changed."""
+    measurement: Measurement = request.node.stash[MEASUREMENT]
+
+    def run(model: Any, **kwargs: Any) -> list[float]:
+        bound = _TRAIN_STEPS.bind(model, **kwargs)
+        bound.apply_defaults()
+        knobs = {name: value for name, value in bound.arguments.items() if name in KNOBS}
+        if knobs.get("gradient_checkpointing") is None:
+            knobs["gradient_checkpointing"] = bool(getattr(model, "is_gradient_checkpointing", False))
+        measurement.register_model(model)
+        registration = measurement.registration
+        registration.step = functools.partial(training.train_steps, model)
+        registration.knobs.update(knobs)
+        return training.train_steps(model, **kwargs, phase=gpumem.phase)
+
+    return run

@@ -46,3 +46,15 @@ def judge(
         software_changes=software_changes(baseline.software, software) if baseline else [],
         other_hardware=sorted(other_hardware or []) if base is None else [],
     )
+
+
+def needed(verdict: Verdict) -> int | None:
+    """Bytes the test must give back to meet its budget (over budget) or its baseline plus tolerance
+    (regression); None when it fails neither."""
+    if verdict.value is None:
+        return None
+    if verdict.status == "over_budget" and verdict.budget is not None:
+        return verdict.value - verdict.budget
+    if verdict.status == "regression" and verdict.baseline is not None and verdict.allowed is not None:
+        return verdict.value - (verdict.baseline + verdict.allowed)
+    return None

@@ -28,12 +28,13 @@ from .fixtures import (  # noqa: F401  (the fixtures are registered with the plu
     quantized_model,
     train_step,
 )
-from .judge import judge
+from . import snapshot
+from .judge import judge, needed
 from .marker import MARKER_HELP, parse_marker
 from .measurement import Measurement
 from .report import json_report, markdown
 from .report.terminal import failure_message, summary_lines
-from .sample import Baseline, Environment, Spec, TestResult
+from .sample import Advice, Baseline, Environment, Spec, TestResult
 from .settings import Settings, add_options, resolve
 from .store import BaselineError, BaselineStore, UpdateSummary, write_atomic
 from .units import BadValue
@@ -150,7 +151,7 @@ class GpuMemPlugin:
             # yields would keep the other plugins' setup wrappers from running.
             item.stash[MARKER_ERROR] = str(exc)
             return (yield)
-        measurement = item.stash[MEASUREMENT] = Measurement(self.meter)
+        measurement = item.stash[MEASUREMENT] = Measurement(self.meter, snapshot=self.settings.snapshot is not None)
         with measurement.phase("setup"):
             return (yield)
 
@@ -187,6 +188,9 @@ class GpuMemPlugin:
         if report.when != "call" or measurement is None or report.skipped:
             return report
         result = self._judge(item, measurement, passed=report.passed)
+        result.advice = self._advise(measurement, result)
+        if self.settings.snapshot is not None and result.verdict.status in ("regression", "over_budget"):
+            result.snapshot = self._write_snapshot(measurement, item.nodeid)
         report.user_properties.append((PROPERTY, result.to_dict()))
         message = failure_message(result)
         if report.passed and result.verdict.failed and self._enforced(result):
@@ -210,6 +214,37 @@ class GpuMemPlugin:
         )
         return TestResult(item.nodeid, env.hardware, sample, verdict, passed, baseline)
 
+    def _advise(self, measurement: Measurement, result: TestResult) -> Advice | None:
+        """The advisor's levers: for tests that fail on memory; for every test with --gpumem-explain=all.
+        Savings are measured by re-running a registered step unless --gpumem-explain=none."""
+        policy = self.settings.explain
+        if not (result.verdict.failed or policy == "all"):
+            return None
+        from . import advisor, introspect, whatif
+
+        registration = measurement.registration
+        setup = introspect.inspect_setup(registration.models, registration.optimizers, registration.knobs, measurement.probe)
+        measure = None
+        if policy != "none":
+            measure = whatif.make_measure(registration, lambda: meters.create(self.meter.backend, attribute=False))
+        return advisor.advise(
+            result.sample.attribution,
+            setup,
+            introspect.findings(setup),
+            needed(result.verdict),
+            registration.knobs,
+            measure,
+        )
+
+    def _write_snapshot(self, measurement: Measurement, nodeid: str) -> str:
+        if measurement.snapshot is None or self.settings.snapshot is None:
+            return ""
+        try:
+            return str(snapshot.write(measurement.snapshot, self.settings.snapshot, nodeid))
+        except OSError as exc:
+            self.errors.append(f"gpumem: could not write the memory snapshot of {nodeid}: {exc}")
+            return ""
+
     def _enforced(self, result: TestResult) -> bool:
         if self.settings.warn_only:
             return False
@@ -226,6 +261,8 @@ class GpuMemPlugin:
                 self.results.append(TestResult.from_dict(cast(dict[str, Any], value)))
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        from .history import HistoryError  # pandas itself is imported only when a history is written
+
         if self.is_worker:
             return
         software = self._environment.software if self._environment else software_versions()
@@ -245,7 +282,8 @@ class GpuMemPlugin:
                 if os.environ.get("GITHUB_STEP_SUMMARY"):
                     with open(os.environ["GITHUB_STEP_SUMMARY"], "a", encoding="utf-8") as handle:
                         handle.write(text)
-        except (OSError, BaselineError) as exc:
+            _write_history_and_exports(self.settings, self.results, software, Path(session.config.rootpath))
+        except (OSError, BaselineError, HistoryError) as exc:
             self.errors.append(f"gpumem: could not write results: {exc}")
             session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
 
@@ -260,6 +298,7 @@ class GpuMemPlugin:
                     software=software,
                     recorded=now,
                     backend=result.sample.backend,
+                    attribution=result.sample.attribution,
                 )
         for hardware, entries in sorted(by_hardware.items()):
             self.updates.append(self.store.update(hardware, entries))
@@ -286,3 +325,18 @@ class GpuMemPlugin:
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, text)
+
+
+def _write_history_and_exports(
+    settings: Settings, results: list[TestResult], software: dict[str, str], root: Path
+) -> None:
+    """Append to ``--gpumem-history`` and write each ``--gpumem-export`` (controller only, like the reports).
+
+    The commit and branch of a history row are those of the rootdir's checkout (or of the CI's variables).
+    """
+    from . import export, history
+
+    if settings.history:
+        history.append(settings.history, results, software, history.run_info(root))
+    for target in settings.export:
+        _write(target.path, export.render(target.format, results))

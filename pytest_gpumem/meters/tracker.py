@@ -13,7 +13,7 @@ memory-mapped files) and scratch space inside a single kernel.
 
 A dispatch mode is per thread, so the meter sees what the test's own thread
 runs (autograd's backward included). transformers loads unquantized
-checkpoints on a pool of worker threads; while measuring, the meter sets
+checkpoints on a pool of worker threads; while it is active, the tracker sets
 ``HF_DEACTIVATE_ASYNC_LOAD=1`` so that it loads on the test's thread instead:
 the same tensors, made where they can be counted.
 
@@ -99,10 +99,25 @@ class StorageTracker(TorchDispatchMode):
         self.records: list[list[Any]] = []  # [nbytes, device, made, freed, category, in_layer]
         self.window: dict[str, tuple[int, int, tuple[str, str, Any]]] | None = None  # device -> (bytes, seq, where)
         self.stage_peaks: dict[str, dict[str, tuple[int, int]]] = {}  # stage -> device -> (bytes, seq)
+        self._async_load: str | None = None
         self.phase = ""
         self.stage_override = ""
         self.module_stack: list[int] = []
         self.layer_depth = 0
+
+    def __enter__(self) -> StorageTracker:
+        # A dispatch mode sees its own thread only: have transformers load on it (see the module docstring).
+        self._async_load = os.environ.get(_ASYNC_LOAD)
+        os.environ[_ASYNC_LOAD] = "1"
+        super().__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        if self._async_load is None:
+            os.environ.pop(_ASYNC_LOAD, None)
+        else:
+            os.environ[_ASYNC_LOAD] = self._async_load
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
@@ -222,7 +237,6 @@ class TrackerMeter:
 
     def __init__(self, attribute: bool = True) -> None:
         self._tracker: StorageTracker | None = None
-        self._async_load: str | None = None
         self._attribute = attribute
 
     @property
@@ -235,8 +249,6 @@ class TrackerMeter:
         self._tracker = StorageTracker(attribute=self._attribute)
         self._tracker.current["cpu"] = 0
         self._tracker.peak["cpu"] = 0
-        self._async_load = os.environ.get(_ASYNC_LOAD)
-        os.environ[_ASYNC_LOAD] = "1"
         self._tracker.__enter__()
         return {}
 
@@ -251,7 +263,3 @@ class TrackerMeter:
             self._tracker.__exit__(None, None, None)
             self._tracker.forget()
             self._tracker = None
-            if self._async_load is None:
-                os.environ.pop(_ASYNC_LOAD, None)
-            else:
-                os.environ[_ASYNC_LOAD] = self._async_load

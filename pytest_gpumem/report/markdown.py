@@ -5,7 +5,22 @@ from __future__ import annotations
 from typing import Any
 
 from ..sample import TestResult
-from .table import COLUMNS, NUMERIC, UNITS_NOTE, cells, counts_line, notes, ordered
+from .table import (
+    COLUMNS,
+    NUMERIC,
+    UNITS_NOTE,
+    attribution_rows,
+    cells,
+    counts_line,
+    delta_cell,
+    lever_text,
+    notes,
+    ordered,
+    plural,
+    recommendation,
+    verdict_cell,
+    where,
+)
 
 SOFTWARE = ("torch", "transformers", "peft", "bitsandbytes")
 """The packages named in the report's environment line, in this order, where installed."""
@@ -39,9 +54,58 @@ def _environment_line(environment: dict[str, Any]) -> str:
     return f"{line}; {', '.join(versions)}" if versions else line
 
 
+def _dependencies(results: list[TestResult], warn_only: bool) -> list[str]:
+    """The comment's lead when libraries changed since the baselines: what changed, and what it cost each test.
+
+    Library upgrades are where memory regressions come from most often, so a pull request that bumps torch
+    or transformers (by hand or by a bot) is told first what changed and what that did to every test it
+    touched; the verdicts are the judge's, and a regression fails as it would after any other change.
+    """
+    groups: dict[tuple[str, ...], list[TestResult]] = {}
+    for result in ordered(results):
+        if result.verdict.software_changes:
+            groups.setdefault(tuple(result.verdict.software_changes), []).append(result)
+    lines = []
+    for changes, changed in sorted(groups.items(), key=lambda item: (-len(item[1]), item[0])):
+        scope = f" ({plural(len(changed), 'test')})" if len(groups) > 1 else ""
+        lines += [f"**Dependencies changed** since the baselines{scope}: {_cell('; '.join(changes))}", ""]
+        lines += ["| test | metric | cost | verdict |", "| --- | --- | ---: | --- |"]
+        for result in changed:
+            verdict = verdict_cell(result.verdict, warn_only)
+            verdict = f"**{verdict}**" if result.verdict.failed else verdict
+            cost = delta_cell(result.verdict)
+            lines.append(f"| {_cell(_code(result.nodeid))} | {result.verdict.metric} | {_cell(cost)} | {verdict} |")
+        lines.append("")
+    return lines
+
+
+def _explanation(result: TestResult) -> list[str]:
+    """A collapsible block: where the test's peak went beside its baseline's, findings, levers."""
+    attribution = result.sample.attribution
+    summary = _code(result.nodeid) + (f": peak at {where(attribution)}" if attribution else "")
+    lines = [f"<details><summary>{summary}</summary>", ""]
+    rows = attribution_rows(result)
+    if rows:
+        lines += ["| consumer | baseline | now | delta |", "| --- | ---: | ---: | ---: |"]
+        lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+        lines.append("")
+    advice = result.advice
+    if advice is not None:
+        lines += [f"- setting: {_cell(finding)}" for finding in advice.findings]
+        for lever in advice.levers:
+            mark = " **(recommended)**" if lever.key in advice.recommended else ""
+            basis = f" — {lever.basis}" if lever.basis else ""
+            lines.append(f"- {lever_text(lever)}{basis}{mark}")
+        if recommendation(advice):
+            lines.append(f"- **{recommendation(advice)}**")
+        lines.append("")
+    lines.append("</details>")
+    return lines
+
+
 def render(results: list[TestResult], environment: dict[str, Any], warn_only: bool = False) -> str:
     """The whole comment: heading, environment line, table (failures first), notes, units footnote."""
-    lines = [_heading(results, warn_only), "", _environment_line(environment)]
+    lines = [_heading(results, warn_only), "", *_dependencies(results, warn_only), _environment_line(environment)]
     if results:
         lines += ["", "| " + " | ".join(COLUMNS) + " |"]
         lines.append("| " + " | ".join("---:" if c in NUMERIC else "---" for c in COLUMNS) + " |")
@@ -56,5 +120,8 @@ def render(results: list[TestResult], environment: dict[str, Any], warn_only: bo
             bullets.insert(0, counts_line(results))  # the heading carries the counts only when something failed
         if bullets:
             lines += [""] + [f"- {bullet}" for bullet in bullets]
+        for result in ordered(results):
+            if result.advice is not None or (result.verdict.failed and result.sample.attribution is not None):
+                lines += ["", *_explanation(result)]
         lines += ["", UNITS_NOTE]
     return "\n".join(lines) + "\n"

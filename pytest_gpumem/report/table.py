@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable
 
-from ..sample import FAILING, TestResult, Verdict
+from ..sample import CONSUMERS, FAILING, Advice, Attribution, Breakdown, Lever, TestResult, Verdict
 from ..units import format_bytes, format_delta, format_percent
 
-COLUMNS = ("test", "metric", "peak", "baseline", "delta", "budget", "verdict")
+COLUMNS = ("test", "metric", "peak", "baseline", "delta", "budget", "verdict", "largest consumer")
 NUMERIC = frozenset({"peak", "baseline", "delta", "budget"})
 """Columns that hold sizes, so layouts right-align them."""
 
@@ -70,7 +70,117 @@ def cells(result: TestResult, warn_only: bool = False) -> list[str]:
         delta_cell(v),
         format_bytes(v.budget),
         verdict_cell(v, warn_only),
+        largest_consumer(result.sample.attribution),
     ]
+
+
+# -- attribution and advice
+
+
+LEVER_NAMES = {
+    "fix": "fix a setting",
+    "batch": "smaller batch + accumulation",
+    "checkpointing": "gradient checkpointing",
+    "seq": "shorter max_seq_length",
+    "bf16": "bf16 mixed precision",
+    "lora": "LoRA instead of full fine-tuning",
+    "qlora": "4-bit QLoRA",
+    "rank": "lower LoRA rank / fewer targets",
+    "optimizer": "8-bit optimizer",
+}
+
+
+def _consumers(breakdown: Breakdown) -> dict[str, int]:
+    return {name: getattr(breakdown, name) for name in CONSUMERS}
+
+
+def largest_consumer(attribution: Attribution | None) -> str:
+    """``activations 61%``: the consumer that held most of the peak; ``-`` without an attribution."""
+    if attribution is None or attribution.peak.total <= 0:
+        return "-"
+    name, value = max(_consumers(attribution.peak).items(), key=lambda item: item[1])
+    return f"{name} {100 * value / attribution.peak.total:.0f}%"
+
+
+def where(attribution: Attribution) -> str:
+    """When the peak happened: ``step2, backward (LogSoftmaxBackward0)``."""
+    parts = [part for part in (attribution.phase, attribution.stage) if part]
+    text = ", ".join(parts) or "the call"
+    return f"{text} ({attribution.module})" if attribution.module else text
+
+
+def attribution_rows(result: TestResult) -> list[list[str]]:
+    """Rows of ``consumer, baseline, now, delta``: the four consumers, then the allocator's cache and the
+    memory outside it where measured. The baseline column is ``-`` where the baseline has no attribution."""
+    now = result.sample.attribution
+    if now is None:
+        return []
+    before = result.baseline.attribution if result.baseline else None
+    values = _consumers(now.peak)
+    old = _consumers(before.peak) if before else {}
+    extra = (
+        ("allocator cache (reserved - allocated)", "fragmentation"),
+        ("outside the allocator (context, workspaces)", "context"),
+    )
+    for label, name in extra:
+        if getattr(now, name) or (before and getattr(before, name)):
+            values[label] = getattr(now, name)
+            if before:
+                old[label] = getattr(before, name)
+    rows = []
+    for name, value in values.items():
+        base = old.get(name)
+        delta = format_delta(value - base) if base is not None else "-"
+        rows.append([name, format_bytes(base), format_bytes(value), delta])
+    return rows
+
+
+def grown_consumer(result: TestResult) -> str | None:
+    """``activations +1.20 GiB (1.90 GiB -> 3.10 GiB)``: the consumer that grew most since the baseline."""
+    now = result.sample.attribution
+    before = result.baseline.attribution if result.baseline else None
+    if now is None or before is None:
+        return None
+    old = _consumers(before.peak)
+    name, value = max(_consumers(now.peak).items(), key=lambda item: item[1] - old[item[0]])
+    growth = value - old[name]
+    if growth <= 0:
+        return None
+    return f"{name} {format_delta(growth)} ({format_bytes(old[name])} -> {format_bytes(value)})"
+
+
+def lever_text(lever: Lever) -> str:
+    """``gradient checkpointing: gradient_checkpointing on; saves 1.10 GiB (measured)``."""
+    if lever.saving > 0:
+        effect = f"saves {format_bytes(lever.saving)}"
+    elif lever.saving == 0:
+        effect = "saves nothing here"
+    else:
+        effect = f"costs {format_bytes(-lever.saving)} more"
+    return f"{LEVER_NAMES.get(lever.key, lever.key)}: {lever.action}; {effect} ({lever.source})"
+
+
+def recommendation(advice: Advice) -> str:
+    """The advice in one line: the recommended lever(s) and what they free against what is needed."""
+    chosen = [lever for lever in advice.levers if lever.key in advice.recommended]
+    if advice.needed is None:
+        return ""
+    if not chosen:
+        return f"no lever found that frees the {format_bytes(advice.needed)} needed"
+    total = sum(lever.saving for lever in chosen)
+    names = " + ".join(LEVER_NAMES.get(lever.key, lever.key) for lever in chosen)
+    enough = "enough" if total >= advice.needed else "not enough"
+    return f"{names}: frees {format_bytes(total)} of the {format_bytes(advice.needed)} needed ({enough})"
+
+
+def top_lever(advice: Advice | None) -> Lever | None:
+    """The lever to name first: the first recommended one, else the cheapest in quality that saves memory."""
+    if advice is None:
+        return None
+    for lever in advice.levers:
+        if lever.key in advice.recommended:
+            return lever
+    return next((lever for lever in advice.levers if lever.saving > 0), None)
 
 
 def ordered(results: Iterable[TestResult]) -> list[TestResult]:

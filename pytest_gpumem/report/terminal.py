@@ -4,7 +4,24 @@ from __future__ import annotations
 
 from ..sample import TestResult
 from ..units import format_bytes, format_delta
-from .table import COLUMNS, NUMERIC, ORDER, UNITS_NOTE, UPDATE_OPTION, cells, counts_line, delta_cell, notes, ordered
+from .table import (
+    COLUMNS,
+    NUMERIC,
+    ORDER,
+    UNITS_NOTE,
+    UPDATE_OPTION,
+    attribution_rows,
+    cells,
+    counts_line,
+    delta_cell,
+    grown_consumer,
+    lever_text,
+    notes,
+    ordered,
+    recommendation,
+    top_lever,
+    where,
+)
 
 __all__ = ["ORDER", "failure_message", "summary_lines"]
 
@@ -64,28 +81,73 @@ def failure_message(result: TestResult) -> str:
     if measured:
         add("phases", ", ".join(measured))
 
+    attribution = sample.attribution
+    if attribution is not None:
+        add("at", f"{where(attribution)} on {attribution.device}")
+    grown = grown_consumer(result)
+    if grown:
+        add("grew", grown)
+    advice = result.advice
+    if advice is not None and advice.findings:
+        add("setting", advice.findings[0])
+    lever = top_lever(advice)
+    if lever is not None:
+        add("lever", lever_text(lever))
+    if advice is not None and recommendation(advice):
+        add("advice", recommendation(advice))
+
     if v.software_changes:
         add("software", "changed since the baseline: " + "; ".join(v.software_changes))
+    if result.snapshot:
+        add("snapshot", f"{result.snapshot} (open it at https://pytorch.org/memory_viz)")
 
     if v.status == "improved":
         add("hint", f"shrank beyond tolerance: re-record with {UPDATE_OPTION}")
     return "\n".join(lines)
 
 
-def summary_lines(results: list[TestResult], warn_only: bool = False, updating: bool = False) -> list[str]:
-    """The terminal summary: an aligned table, failures first, then notes and a count line."""
-    if not results:
-        return ["no tests measured"]
-    table = [list(COLUMNS)] + [cells(r, warn_only) for r in ordered(results)]
-    widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
-    numeric = [name in NUMERIC for name in COLUMNS]
+def _aligned(header: list[str], rows: list[list[str]], numeric: list[bool], indent: str = "") -> list[str]:
+    table = [header] + rows
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
 
     def line(row: list[str]) -> str:
         padded = (c.rjust(w) if right else c.ljust(w) for c, w, right in zip(row, widths, numeric, strict=True))
-        return "  ".join(padded).rstrip()
+        return (indent + "  ".join(padded)).rstrip()
 
-    lines = [line(table[0]), line(["-" * w for w in widths])]
-    lines += [line(row) for row in table[1:]]
+    return [line(header), line(["-" * w for w in widths])] + [line(row) for row in rows]
+
+
+def explanation_lines(result: TestResult) -> list[str]:
+    """A test's full explanation: where its peak went (beside the baseline's), findings and every lever."""
+    attribution = result.sample.attribution
+    advice = result.advice
+    lines = [f"{result.nodeid}:"]
+    if attribution is not None:
+        lines.append(f"  peak at {where(attribution)} on {attribution.device}")
+        rows = attribution_rows(result)
+        lines += _aligned(["consumer", "baseline", "now", "delta"], rows, [False, True, True, True], indent="  ")
+    if advice is not None:
+        lines += [f"  setting: {finding}" for finding in advice.findings]
+        if advice.levers:
+            lines.append("  levers, in order of cost to quality:")
+            for lever in advice.levers:
+                mark = "  <- recommended" if lever.key in advice.recommended else ""
+                basis = f" [{lever.basis}]" if lever.basis else ""
+                lines.append(f"    {lever_text(lever)}{basis}{mark}")
+        if recommendation(advice):
+            lines.append(f"  {recommendation(advice)}")
+    return lines
+
+
+def summary_lines(results: list[TestResult], warn_only: bool = False, updating: bool = False) -> list[str]:
+    """The terminal summary: an aligned table, failures first, then the explanation of every failed or
+    advised test, notes and a count line."""
+    if not results:
+        return ["no tests measured"]
+    lines = _aligned(list(COLUMNS), [cells(r, warn_only) for r in ordered(results)], [c in NUMERIC for c in COLUMNS])
+    for result in ordered(results):
+        if result.advice is not None or (result.verdict.failed and result.sample.attribution is not None):
+            lines += explanation_lines(result)
     lines += notes(results, warn_only, updating)
     lines.append(UNITS_NOTE)
     lines.append(counts_line(results))
