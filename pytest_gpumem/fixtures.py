@@ -159,7 +159,7 @@ def train_step(gpumem: GpuMem, request: pytest.FixtureRequest) -> Callable[..., 
         bound.apply_defaults()
         knobs = {name: value for name, value in bound.arguments.items() if name in KNOBS}
         if knobs.get("gradient_checkpointing") is None:
-            knobs["gradient_checkpointing"] = bool(getattr(model, "is_gradient_checkpointing", False))
+            knobs["gradient_checkpointing"] = models.gradient_checkpointing_enabled(model)
         measurement.register_model(model)
         registration = measurement.registration
         registration.step = functools.partial(training.train_steps, model)

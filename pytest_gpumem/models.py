@@ -318,6 +318,12 @@ def set_gradient_checkpointing(model: Any, enabled: bool) -> None:
             model.gradient_checkpointing_disable()
 
 
+def gradient_checkpointing_enabled(model: Any) -> bool:
+    """Whether gradient checkpointing is on, by transformers' own definition (some module's flag is set),
+    without its renamed and deprecated properties (``is_gradient_checkpointing`` in transformers 5)."""
+    return any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
+
+
 def is_quantized(model: Any) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
