@@ -1,0 +1,111 @@
+"""Attribution, advice and snapshots through the plugin (pytester, cpu backend, real tensors and models)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+
+MiB = 2**20
+
+TRAIN_SUITE = """
+import pytest, torch
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(256, 256, bias=False) for _ in range(2))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return x
+
+@pytest.mark.gpumem
+def test_train(gpumem):
+    model = Net()  # 2 x 256 KiB of weights
+    optimizer = torch.optim.AdamW(model.parameters(), foreach=False)
+    batch = {batch}
+    for step in (1, 2):
+        with gpumem.phase(f"step{{step}}"):
+            model(torch.randn(batch, 256)).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+"""
+
+
+def run(pytester: pytest.Pytester, *args: str) -> tuple[pytest.RunResult, dict]:
+    result = pytester.runpytest("--gpumem-json=out.json", *args)
+    doc = json.loads((pytester.path / "out.json").read_text())
+    return result, {t["nodeid"]: t for t in doc["tests"]}
+
+
+def test_every_measured_test_carries_its_attribution(pytester):
+    pytester.makepyfile(test_train=TRAIN_SUITE.format(batch=64))
+    result, tests = run(pytester)
+    result.assert_outcomes(passed=1)
+    test = tests["test_train.py::test_train"]
+    attribution = test["sample"]["attribution"]
+    peak = attribution["peak"]
+    assert peak["weights"] == 2 * 256 * 256 * 4
+    assert sum(peak[k] for k in ("weights", "gradients", "optimizer", "activations")) == (
+        test["sample"]["phases"]["call"]["allocated"]["cpu"]
+    )
+    assert attribution["phase"] in ("step1", "step2")
+    result.stdout.fnmatch_lines(["*largest consumer*", "test_train.py::test_train*new*% "])
+
+
+def test_regression_shows_the_grown_consumer_beside_the_baseline(pytester):
+    pytester.makepyfile(test_train=TRAIN_SUITE.format(batch=64))
+    pytester.runpytest("--gpumem-update-baselines").assert_outcomes(passed=1)
+    stored = json.loads((pytester.path / "baselines" / "cpu.json").read_text())["tests"]
+    assert stored["test_train.py::test_train"]["attribution"]["peak"]["weights"] == 2 * 256 * 256 * 4
+
+    pytester.makepyfile(test_train=TRAIN_SUITE.format(batch=4096))  # the activations grow 64-fold
+    result, tests = run(pytester, "--gpumem-explain=none")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "gpumem: regression over baseline*",
+            "*grew      activations +*",
+            "test_train.py::test_train:",
+            "*consumer*baseline*now*delta*",
+            "*weights*512.00 KiB*512.00 KiB*+0 B*",
+            "*activations*",
+        ]
+    )
+    advice = tests["test_train.py::test_train"]["advice"]
+    assert advice is not None and advice["needed"] > 0
+
+
+def test_snapshot_is_written_for_regressed_tests_only(pytester):
+    pytester.makepyfile(
+        test_two="""
+        import pytest, torch
+
+        @pytest.mark.gpumem(budget="1 MiB")
+        def test_big():
+            x = torch.ones(2 * 2**20, dtype=torch.uint8)
+
+        @pytest.mark.gpumem(budget="1 MiB")
+        def test_small():
+            x = torch.ones(2**10, dtype=torch.uint8)
+        """
+    )
+    result, tests = run(pytester, "--gpumem-snapshot=snaps", "--gpumem-explain=none")
+    result.assert_outcomes(passed=1, failed=1)
+    written = sorted(p.name for p in (pytester.path / "snaps").iterdir())
+    assert written == ["test_two.py_test_big.pickle"]
+    snapshot = pickle.loads((pytester.path / "snaps" / written[0]).read_bytes())
+    assert [(e["action"], e["size"]) for e in snapshot["device_traces"][0]][:1] == [("alloc", 2 * MiB)]
+    assert tests["test_two.py::test_big"]["snapshot"].endswith("test_two.py_test_big.pickle")
+    assert tests["test_two.py::test_small"]["snapshot"] == ""
+    result.stdout.fnmatch_lines(["*snapshot*test_two.py_test_big.pickle (open it at https://pytorch.org/memory_viz)"])
+
+
+def test_bad_explain_value_names_its_source(pytester):
+    pytester.makepyfile(test_a="def test_a(): pass")
+    result = pytester.runpytest("--gpumem-explain=some")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--gpumem-explain: unknown explain 'some'; choose one of failed, all, none*"])
