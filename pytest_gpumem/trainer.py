@@ -45,9 +45,7 @@ class GpuMemEvents:
             return
         model = kwargs.get("model")
         if model is not None:
-            # register_model also attaches the probe that watches the step; older Measurements lack it.
-            register = getattr(measurement, "register_model", measurement.registration.add_model)
-            register(model)
+            measurement.register_model(model)  # also attaches the probe that watches the step
         _add_optimizer(measurement, kwargs.get("optimizer"))
         knobs = measurement.registration.knobs
         knobs.setdefault("batch", args.per_device_train_batch_size)

@@ -129,6 +129,7 @@ def test_cells_in_column_order() -> None:
         "+12.00 MiB (+0.8%)",
         "6.00 GiB",
         "regression",
+        "-",  # largest consumer: no attribution
     ]
 
 
@@ -221,14 +222,14 @@ def test_failure_message_oom_without_peak() -> None:
 
 def test_summary_lines_exact() -> None:
     assert terminal.summary_lines(mixed()) == [
-        "test              metric         peak  baseline               delta    budget  verdict",
-        "----------------  ---------  --------  --------  ------------------  --------  -----------",
-        "t.py::oom         allocated         -         -                   -  6.00 GiB  oom",
-        "t.py::over        allocated  7.00 GiB         -                   -  6.00 GiB  over budget",
-        "t.py::regression  allocated  1.06 GiB  1.00 GiB  +64.00 MiB (+6.2%)         -  regression",
-        "t.py::improved    allocated  1.00 GiB  2.00 GiB  -1.00 GiB (-50.0%)         -  improved",
-        "t.py::new         allocated  5.00 MiB         -                   -         -  new",
-        "t.py::ok          allocated  1.00 GiB  1.00 GiB        +0 B (+0.0%)         -  ok",
+        "test              metric         peak  baseline               delta    budget  verdict      largest consumer",
+        "----------------  ---------  --------  --------  ------------------  --------  -----------  ----------------",
+        "t.py::oom         allocated         -         -                   -  6.00 GiB  oom          -",
+        "t.py::over        allocated  7.00 GiB         -                   -  6.00 GiB  over budget  -",
+        "t.py::regression  allocated  1.06 GiB  1.00 GiB  +64.00 MiB (+6.2%)         -  regression   -",
+        "t.py::improved    allocated  1.00 GiB  2.00 GiB  -1.00 GiB (-50.0%)         -  improved     -",
+        "t.py::new         allocated  5.00 MiB         -                   -         -  new          -",
+        "t.py::ok          allocated  1.00 GiB  1.00 GiB        +0 B (+0.0%)         -  ok           -",
         "1 new test without baselines for hardware cpu; baselines exist for: H100-80GB",
         "improved or new results: review them and record baselines with --gpumem-update-baselines",
         "sizes in binary units (1 GiB = 2^30 bytes)",
@@ -298,7 +299,9 @@ def test_summary_update_hint(statuses: list[str], hint: bool) -> None:
 )
 def test_summary_warn_only(warn_only: bool, verdicts: list[str]) -> None:
     lines = terminal.summary_lines(mixed(), warn_only=warn_only)
-    assert [line[line.rindex("  ") + 2 :] for line in lines[2:8]] == verdicts
+    start, end = lines[0].index("verdict"), lines[0].index("largest consumer")
+    assert [line[start:end].rstrip() for line in lines[2:8]] == verdicts
+    assert [line[end:] for line in lines[2:8]] == ["-"] * 6
     enforced = "warn-only: 3 memory failures reported but not enforced"
     assert (enforced in lines) is warn_only
 
@@ -390,12 +393,18 @@ def test_markdown_exact() -> None:
     assert markdown.render(results, ENV) == (
         "### gpumem: 1 regression, 1 ok\n"
         "\n"
+        "**Dependencies changed** since the baselines: transformers 4.57.6 -> 5.0.0\n"
+        "\n"
+        "| test | metric | cost | verdict |\n"
+        "| --- | --- | ---: | --- |\n"
+        "| `t.py::ok` | allocated | +0 B (+0.0%) | ok |\n"
+        "\n"
         "backend `cpu`, hardware `cpu`; torch 2.5.1, transformers 5.0.0, peft 0.13.2\n"
         "\n"
-        "| test | metric | peak | baseline | delta | budget | verdict |\n"
-        "| --- | --- | ---: | ---: | ---: | ---: | --- |\n"
-        "| `t.py::reg` | allocated | 1.06 GiB | 1.00 GiB | +64.00 MiB (+6.2%) | 6.00 GiB | **regression** |\n"
-        "| `t.py::ok` | allocated | 1.00 GiB | 1.00 GiB | +0 B (+0.0%) | - | ok |\n"
+        "| test | metric | peak | baseline | delta | budget | verdict | largest consumer |\n"
+        "| --- | --- | ---: | ---: | ---: | ---: | --- | --- |\n"
+        "| `t.py::reg` | allocated | 1.06 GiB | 1.00 GiB | +64.00 MiB (+6.2%) | 6.00 GiB | **regression** | - |\n"
+        "| `t.py::ok` | allocated | 1.00 GiB | 1.00 GiB | +0 B (+0.0%) | - | ok | - |\n"
         "\n"
         "- software changed since baselines: transformers 4.57.6 -> 5.0.0 (1 test)\n"
         "\n"
@@ -405,20 +414,21 @@ def test_markdown_exact() -> None:
 
 def test_markdown_table_shape() -> None:
     rows = table_rows(markdown.render(mixed(), ENV))
-    assert rows[0] == ["test", "metric", "peak", "baseline", "delta", "budget", "verdict"]
-    assert rows[1] == ["---", "---", "---:", "---:", "---:", "---:", "---"]
+    assert rows[0] == ["test", "metric", "peak", "baseline", "delta", "budget", "verdict", "largest consumer"]
+    assert rows[1] == ["---", "---", "---:", "---:", "---:", "---:", "---", "---"]
     assert len(rows) == 2 + len(mixed())
-    assert all(len(row) == 7 for row in rows)
+    assert all(len(row) == 8 for row in rows)
     assert [row[0] for row in rows[2:]] == [
         f"`t.py::{n}`" for n in ("oom", "over", "regression", "improved", "new", "ok")
     ]
-    assert [row[-1] for row in rows[2:]] == ["**oom**", "**over budget**", "**regression**", "improved", "new", "ok"]
+    assert [row[6] for row in rows[2:]] == ["**oom**", "**over budget**", "**regression**", "improved", "new", "ok"]
+    assert [row[7] for row in rows[2:]] == ["-"] * 6  # no attribution; only the verdict is bold
 
 
 def test_markdown_escapes_pipes_in_nodeids() -> None:
     rows = table_rows(markdown.render([result("t.py::test[a|b]", "ok", MiB, MiB)], ENV))
     assert rows[2][0] == "`t.py::test[a|b]`"
-    assert len(rows[2]) == 7
+    assert len(rows[2]) == 8
 
 
 @pytest.mark.parametrize(
@@ -439,7 +449,8 @@ def test_markdown_warn_only() -> None:
     assert (
         lines[0] == "### gpumem: 1 regression, 1 over budget, 1 out of memory, 1 improved, 1 new, 1 ok (not enforced)"
     )
-    assert [row[-1] for row in table_rows(text)[2:5]] == [
+    rows = [row for row in table_rows(text) if len(row) == 8]  # the results table, not the dependencies one
+    assert [row[6] for row in rows[2:5]] == [
         "**oom (warn)**",
         "**over budget (warn)**",
         "**regression (warn)**",

@@ -103,10 +103,12 @@ def largest_consumer(attribution: Attribution | None) -> str:
 
 
 def where(attribution: Attribution) -> str:
-    """When the peak happened: ``step2, backward (LogSoftmaxBackward0)``."""
+    """When and where the peak happened: ``step2, backward (LogSoftmaxBackward0) on cuda:0``."""
     parts = [part for part in (attribution.phase, attribution.stage) if part]
     text = ", ".join(parts) or "the call"
-    return f"{text} ({attribution.module})" if attribution.module else text
+    if attribution.module:
+        text += f" ({attribution.module})"
+    return f"{text} on {attribution.device}" if attribution.device else text
 
 
 def attribution_rows(result: TestResult) -> list[list[str]]:

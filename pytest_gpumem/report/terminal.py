@@ -83,7 +83,7 @@ def failure_message(result: TestResult) -> str:
 
     attribution = sample.attribution
     if attribution is not None:
-        add("at", f"{where(attribution)} on {attribution.device}")
+        add("at", where(attribution))
     grown = grown_consumer(result)
     if grown:
         add("grew", grown)
@@ -123,7 +123,7 @@ def explanation_lines(result: TestResult) -> list[str]:
     advice = result.advice
     lines = [f"{result.nodeid}:"]
     if attribution is not None:
-        lines.append(f"  peak at {where(attribution)} on {attribution.device}")
+        lines.append(f"  peak at {where(attribution)}")
         rows = attribution_rows(result)
         lines += _aligned(["consumer", "baseline", "now", "delta"], rows, [False, True, True, True], indent="  ")
     if advice is not None:
