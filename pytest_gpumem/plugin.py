@@ -28,7 +28,7 @@ from .fixtures import (  # noqa: F401  (the fixtures are registered with the plu
     quantized_model,
     train_step,
 )
-from . import snapshot
+from . import snapshot, trainer
 from .judge import judge, needed
 from .marker import MARKER_HELP, parse_marker
 from .measurement import Measurement
@@ -152,6 +152,7 @@ class GpuMemPlugin:
             item.stash[MARKER_ERROR] = str(exc)
             return (yield)
         measurement = item.stash[MEASUREMENT] = Measurement(self.meter, snapshot=self.settings.snapshot is not None)
+        trainer.install()  # a transformers Trainer made by the test reports its model, optimizer and steps
         with measurement.phase("setup"):
             return (yield)
 
@@ -177,6 +178,7 @@ class GpuMemPlugin:
         if measurement is not None:
             measurement.finish()  # a failed setup leaves it running
             del item.stash[MEASUREMENT]
+            trainer.uninstall()
         return (yield)
 
     @pytest.hookimpl(wrapper=True)

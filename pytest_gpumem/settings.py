@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .export import Export, parse_exports
 from .meters import BACKENDS
 from .units import BadValue, Tolerance, parse_tolerance
 
@@ -26,7 +27,7 @@ _FALSE = {"0", "false", "no", "off", ""}
 class Option:
     name: str  # the Settings field
     help: str
-    kind: str = "string"  # string | bool | path | choice | tolerance
+    kind: str = "string"  # string | bool | path | choice | tolerance | exports
     choices: tuple[str, ...] = ()
     ini: bool = True
 
@@ -93,6 +94,20 @@ OPTIONS = (
         kind="path",
         ini=False,
     ),
+    Option(
+        "history",
+        "append the run's results (one row per test and metric, with commit, branch, hardware and library "
+        "versions) to this history table: Parquet if it ends in .parquet, else CSV. Needs pandas.",
+        kind="path",
+        ini=False,
+    ),
+    Option(
+        "export",
+        "export the results for a dashboard: bmf=PATH (Bencher Metric Format) and/or gab=PATH "
+        "(github-action-benchmark customSmallerIsBetter), comma-separated.",
+        kind="exports",
+        ini=False,
+    ),
 )
 
 
@@ -109,6 +124,8 @@ class Settings:
     snapshot: Path | None = None
     json: Path | None = None
     markdown: Path | None = None
+    history: Path | None = None
+    export: tuple[Export, ...] = ()
 
 
 def add_options(parser: Any) -> None:
@@ -178,4 +195,6 @@ def _convert(option: Option, value: Any, source: str, base: Path) -> Any:
         return parse_tolerance(value, source)
     if option.kind == "path":
         return base / Path(str(value)).expanduser()
+    if option.kind == "exports":
+        return parse_exports(value, source, base)
     return value

@@ -117,7 +117,7 @@ class BaselineStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / file_name(hardware)
         summary = UpdateSummary(path=path)
-        with _locked(self.directory):
+        with locked(self.directory):
             current: dict[str, Baseline] = {}
             if path.exists():
                 try:
@@ -155,7 +155,7 @@ def write_atomic(path: Path, data: str | bytes) -> None:
 
 
 @contextmanager
-def _locked(directory: Path) -> Iterator[None]:
+def locked(directory: Path) -> Iterator[None]:
     """Hold an exclusive POSIX advisory lock on ``directory`` itself (no lock file to commit)."""
     try:
         import fcntl

@@ -474,3 +474,10 @@ def test_markdown_environment_line_names_only_installed_packages() -> None:
         "",
         "backend `cuda`, hardware `NVIDIA-H100-80GB`; torch 2.6.0, bitsandbytes 0.45.0",
     ]
+
+
+def test_markdown_environment_line_reads_the_plugins_environment():
+    """The plugin (and gpumem merge) write lists: ``backends`` and ``hardware``."""
+    env = {"backends": ["cpu", "cuda"], "hardware": ["cpu", "NVIDIA-H100-80GB"], "software": {"torch": "2.6.0"}}
+    text = markdown.render([result("t.py::a", "ok", 10 * MiB, 10 * MiB)], env)
+    assert "backend `cpu, cuda`, hardware `cpu, NVIDIA-H100-80GB`; torch 2.6.0" in text

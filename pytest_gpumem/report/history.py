@@ -142,6 +142,8 @@ def figure(series: Sequence[Series], steps: Sequence[Step]) -> Figure:
                     fontsize=8,
                     color="crimson",
                 )
+        ax.set_ylim(bottom=0)  # from zero, so that a line's rise reads as its share of the peak
+        ax.margins(y=0.15)  # room for the step labels
         ax.set_title(f"peak {metric} per run", loc="left", fontsize=10)
         ax.set_ylabel(unit)
         ax.grid(True, alpha=0.3)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+
 from typing import Any
 
 from ..sample import TestResult
@@ -21,6 +23,8 @@ from .table import (
     verdict_cell,
     where,
 )
+
+_VERDICT = COLUMNS.index("verdict")
 
 SOFTWARE = ("torch", "transformers", "peft", "bitsandbytes")
 """The packages named in the report's environment line, in this order, where installed."""
@@ -46,8 +50,15 @@ def _heading(results: list[TestResult], warn_only: bool) -> str:
     return f"### gpumem: {counts_line(results)}{suffix}"
 
 
+def _joined(value: Any) -> str:
+    """A report's environment holds lists (``backends``, ``hardware``): several after a merge."""
+    return ", ".join(value) if isinstance(value, list) else str(value)
+
+
 def _environment_line(environment: dict[str, Any]) -> str:
-    parts = [f"backend `{environment.get('backend', '?')}`", f"hardware `{environment.get('hardware', '?')}`"]
+    backends = environment.get("backends", environment.get("backend")) or "?"
+    hardware = environment.get("hardware") or "?"
+    parts = [f"backend `{_joined(backends)}`", f"hardware `{_joined(hardware)}`"]
     software = environment.get("software") or {}
     versions = [f"{name} {software[name]}" for name in SOFTWARE if software.get(name)]
     line = ", ".join(parts)
@@ -82,7 +93,10 @@ def _dependencies(results: list[TestResult], warn_only: bool) -> list[str]:
 def _explanation(result: TestResult) -> list[str]:
     """A collapsible block: where the test's peak went beside its baseline's, findings, levers."""
     attribution = result.sample.attribution
-    summary = _code(result.nodeid) + (f": peak at {where(attribution)}" if attribution else "")
+    # Markdown is not rendered inside an HTML block, so the summary is HTML throughout.
+    summary = f"<code>{html.escape(result.nodeid)}</code>" + (
+        f": peak at {html.escape(where(attribution))}" if attribution else ""
+    )
     lines = [f"<details><summary>{summary}</summary>", ""]
     rows = attribution_rows(result)
     if rows:
@@ -113,7 +127,7 @@ def render(results: list[TestResult], environment: dict[str, Any], warn_only: bo
             row = cells(result, warn_only)
             row[0] = _code(row[0])
             if result.verdict.failed:
-                row[-1] = f"**{row[-1]}**"
+                row[_VERDICT] = f"**{row[_VERDICT]}**"
             lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
         bullets = notes(results, warn_only)
         if not any(r.verdict.failed for r in results):

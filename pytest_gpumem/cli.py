@@ -1,0 +1,337 @@
+"""The ``gpumem`` command: work with result files and the history without running the tests again.
+
+- ``gpumem compare A.json B.json``: judge B's results against A's, as if A's
+  were B's baselines (main against a pull request, say); exits 1 on a
+  regression, an over-budget or an out-of-memory test.
+- ``gpumem merge SHARD.json ...``: the result files of a sharded run merged
+  into the document one unsharded run writes.
+- ``gpumem report --history PATH``: per-test trends, the commits where memory
+  stepped, and a plot (PNG and HTML).
+
+Each subcommand is one function registered with :func:`command`, which also
+declares its arguments; adding one is writing that function. Bad input is a
+one-line error naming the value and the file it came from, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .export import parse_exports
+from .export import render as render_export
+from .history import STEP_TOLERANCE, SUSTAIN, HistoryError
+from .judge import judge
+from .merge import MergeError, merge
+from .report import json_report, markdown
+from .report.terminal import summary_lines
+from .sample import Baseline, Spec, TestResult
+from .store import write_atomic
+from .units import BadValue, Tolerance, parse_tolerance
+
+DEFAULT_TOLERANCE = Tolerance(percent=2.0)
+"""What the plugin allows when neither a marker nor ``--gpumem-tolerance`` says otherwise."""
+
+
+class CliError(Exception):
+    """Bad input to a subcommand; the message names the value and where it came from."""
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One ``add_argument`` call: its flags (or positional name) and keyword arguments."""
+
+    flags: tuple[str, ...]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def arg(*flags: str, **options: Any) -> Arg:
+    return Arg(flags, options)
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    args: tuple[Arg, ...]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}
+"""The subcommands, by name, in the order they were registered."""
+
+
+def command(name: str, help: str, *args: Arg) -> Callable[[Callable[[argparse.Namespace], int]], Any]:
+    """Register the decorated function as subcommand ``name``; it returns the exit status."""
+
+    def register(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = Command(name, help, args, run)
+        return run
+
+    return register
+
+
+# -- shared helpers
+
+
+def _load(path: str) -> tuple[dict[str, Any], list[TestResult]]:
+    try:
+        return json_report.load(path)
+    except OSError as exc:
+        raise CliError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except ValueError as exc:  # json_report.load names the file
+        raise CliError(str(exc)) from None
+
+
+def _tolerance(text: str | None, where: str) -> Tolerance | None:
+    return None if text is None else parse_tolerance(text, where)
+
+
+def _write(path: str | os.PathLike[str], text: str) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(target, text)
+
+
+def _print(lines: Sequence[str]) -> None:
+    sys.stdout.write("".join(line + "\n" for line in lines))
+
+
+def _write_reports(args: argparse.Namespace, results: list[TestResult], environment: dict[str, Any]) -> None:
+    """The optional ``--json`` and ``--markdown`` outputs, as the plugin writes them."""
+    if getattr(args, "json", None):
+        _write(args.json, json_report.dumps(json_report.build(results, environment)))
+        print(f"wrote {args.json}")
+    if getattr(args, "markdown", None):
+        _write(args.markdown, markdown.render(results, environment))
+        print(f"wrote {args.markdown}")
+
+
+JSON_ARG = arg("--json", metavar="PATH", help="also write the results as a pytest-gpumem JSON document")
+MARKDOWN_ARG = arg("--markdown", metavar="PATH", help="also write the Markdown report (for a pull-request comment)")
+
+
+# -- compare
+
+
+def compare_results(
+    base: list[TestResult],
+    base_environment: dict[str, Any],
+    head: list[TestResult],
+    head_environment: dict[str, Any],
+    *,
+    tolerance: Tolerance | None = None,
+    base_name: str = "A",
+    head_name: str = "B",
+) -> list[TestResult]:
+    """``head``'s results judged against ``base``'s, with the plugin's judge.
+
+    Each head test keeps its own metric and budget; its tolerance is
+    ``tolerance`` if given, else the one it was judged with (its marker's or the
+    run's), else the plugin's default of 2%. The base result becomes the
+    baseline, with the base run's software, so library changes are named as
+    the plugin names them. A base result from other hardware is not compared
+    (the test is ``new``, and the other key is named); an out-of-memory result
+    keeps its verdict.
+    """
+    by_nodeid = {r.nodeid: r for r in base}
+    base_software = base_environment.get("software") or {}
+    head_software = head_environment.get("software") or {}
+    judged = []
+    for result in head:
+        if result.verdict.status == "oom":
+            judged.append(result)
+            continue
+        old = by_nodeid.get(result.nodeid)
+        baseline = None
+        other_hardware: list[str] = []
+        if old is not None and old.hardware == result.hardware:
+            baseline = Baseline(
+                metrics=old.sample.phases.get("call", {}),
+                phases=old.sample.phases,
+                software=dict(base_software),
+                recorded=base_name,
+                backend=old.sample.backend,
+                attribution=old.sample.attribution,
+            )
+        elif old is not None:
+            other_hardware = [old.hardware]
+        own = result.verdict.tolerance
+        spec = Spec(
+            metric=result.verdict.metric,
+            budget=result.verdict.budget,
+            tolerance=tolerance
+            or (parse_tolerance(own, f"{head_name}: tolerance of {result.nodeid}") if own else DEFAULT_TOLERANCE),
+        )
+        verdict = judge(result.sample, spec, baseline, dict(head_software), other_hardware=other_hardware)
+        judged.append(
+            TestResult(
+                result.nodeid,
+                result.hardware,
+                result.sample,
+                verdict,
+                result.passed,
+                baseline,
+                result.advice,
+                result.snapshot,
+            )
+        )
+    return judged
+
+
+def _listing(nodeids: Sequence[str], limit: int = 10) -> str:
+    shown = ", ".join(nodeids[:limit])
+    return shown + (f", and {len(nodeids) - limit} more" if len(nodeids) > limit else "")
+
+
+@command(
+    "compare",
+    "judge the results of B.json against those of A.json (A as the baselines) without running anything; "
+    "exit 1 on a regression, over-budget or out-of-memory test",
+    arg("a", metavar="A.json", help="the reference results (e.g. the target branch's)"),
+    arg("b", metavar="B.json", help="the results to judge (e.g. the pull request's)"),
+    arg(
+        "--tolerance",
+        metavar="TOL",
+        help="allowed growth for every test ('2%%', '256 MiB', '2%%, 1 MiB'); "
+        "default: the tolerance each test was judged with in B, else 2%%",
+    ),
+    JSON_ARG,
+    MARKDOWN_ARG,
+)
+def compare(args: argparse.Namespace) -> int:
+    base_environment, base = _load(args.a)
+    head_environment, head = _load(args.b)
+    tolerance = _tolerance(args.tolerance, "--tolerance")
+    results = compare_results(
+        base, base_environment, head, head_environment, tolerance=tolerance, base_name=args.a, head_name=args.b
+    )
+    lines = summary_lines(results)
+    head_ids = {r.nodeid for r in head}
+    base_ids = {r.nodeid for r in base}
+    missing = sorted(base_ids - head_ids)
+    new = sorted(head_ids - base_ids)
+    if missing:
+        lines.append(f"missing in {args.b}: {len(missing)} tests of {args.a} did not run: {_listing(missing)}")
+    if new:
+        lines.append(f"new in {args.b}: {len(new)} tests not in {args.a}: {_listing(new)}")
+    _print(lines)
+    _write_reports(args, results, head_environment)
+    return 1 if any(r.verdict.failed for r in results) else 0
+
+
+# -- merge
+
+
+@command(
+    "merge",
+    "merge the result files of a sharded run (a CI job matrix, pytest-xdist workers) into one report, "
+    "the same as one unsharded run writes",
+    arg("files", metavar="SHARD.json", nargs="+", help="the shards' --gpumem-json files"),
+    arg("-o", "--json", metavar="PATH", help="write the merged results as a pytest-gpumem JSON document"),
+    MARKDOWN_ARG,
+    arg(
+        "--export",
+        metavar="FORMAT=PATH",
+        action="append",
+        default=[],
+        help="also export the merged results: bmf=PATH (Bencher) or gab=PATH (github-action-benchmark); repeatable",
+    ),
+    arg("--history", metavar="PATH", help="append the merged results to this history table (.csv or .parquet)"),
+)
+def merge_command(args: argparse.Namespace) -> int:
+    exports = [e for value in args.export for e in parse_exports(value, "--export")]
+    environment, results = merge([(path, *_load(path)) for path in args.files])
+    _print(summary_lines(results))
+    _write_reports(args, results, environment)
+    for export in exports:
+        _write(export.path, render_export(export.format, results))
+        print(f"wrote {export.path} ({export.format})")
+    if args.history:
+        from . import history
+
+        added = history.append(args.history, results, environment.get("software") or {})
+        print(f"history: {args.history}: {added} rows added")
+    return 0
+
+
+# -- report
+
+
+@command(
+    "report",
+    "per-test trends and the commits where memory stepped, from a history table; writes history.png and history.html",
+    arg("--history", metavar="PATH", required=True, help="the history table (--gpumem-history) to read"),
+    arg("--out", metavar="DIR", default=".", help="where to write history.png and history.html (default: .)"),
+    arg("--branch", metavar="NAME", help="only the runs of this branch (default: all)"),
+    arg(
+        "--tolerance",
+        metavar="TOL",
+        help=f"the smallest change that counts as a step (default: '{STEP_TOLERANCE}': the larger of the two)".replace(
+            "%", "%%"
+        ),
+    ),
+    arg(
+        "--sustain",
+        metavar="N",
+        type=int,
+        default=SUSTAIN,
+        help=f"runs a new level must hold to count as a step (default: {SUSTAIN})",
+    ),
+    arg("--no-plot", action="store_true", help="print the trends and steps only"),
+)
+def report(args: argparse.Namespace) -> int:
+    from . import history
+    from .report import history as history_report
+
+    tolerance = _tolerance(args.tolerance, "--tolerance") or STEP_TOLERANCE
+    if args.sustain < 1:
+        raise CliError(f"--sustain: {args.sustain} is not a number of runs; use 1 or more")
+    frame = history.load(args.history)
+    all_series = history.series(frame, branch=args.branch)
+    trends = [history.trend(s) for s in all_series]
+    steps = [step for s in all_series for step in history.steps(s, tolerance, args.sustain)]
+    _print(history_report.text_lines(trends, steps))
+    if not args.no_plot and all_series:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        fig = history_report.figure(all_series, steps)
+        history_report.write_png(fig, out / "history.png")
+        _write(out / "history.html", history_report.html_page(fig, trends, steps, str(args.history)))
+        print(f"wrote {out / 'history.png'} and {out / 'history.html'}")
+    return 0
+
+
+# -- the entry point
+
+
+def parser() -> argparse.ArgumentParser:
+    """The ``gpumem`` argument parser, one subparser per registered command."""
+    top = argparse.ArgumentParser(
+        prog="gpumem", description="pytest-gpumem results: compare, merge, and the history's trends."
+    )
+    sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in COMMANDS.values():
+        child = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        for a in cmd.args:
+            child.add_argument(*a.flags, **a.options)
+        child.set_defaults(run=cmd.run)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``gpumem``; returns the exit status (0 ok, 1 a memory failure where the command checks, 2 bad input)."""
+    args = parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except (CliError, BadValue, MergeError, HistoryError) as exc:
+        message = str(exc)
+    except OSError as exc:
+        message = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+    print(f"gpumem {args.command}: error: {message}", file=sys.stderr)
+    return 2
