@@ -53,7 +53,7 @@ def test_every_measured_test_carries_its_attribution(pytester):
         test["sample"]["phases"]["call"]["allocated"]["cpu"]
     )
     assert attribution["phase"] in ("step1", "step2")
-    result.stdout.fnmatch_lines(["*largest consumer*", "test_train.py::test_train*new*% "])
+    result.stdout.fnmatch_lines(["*largest consumer*", "test_train.py::test_train*new*%"])
 
 
 def test_regression_shows_the_grown_consumer_beside_the_baseline(pytester):

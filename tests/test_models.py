@@ -107,7 +107,7 @@ def test_lora_on_a_quantized_model_prepares_it_for_kbit_training(checkpoints):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     assert len(trainable) == 2 * 2 * 2  # A and B, q and v, two layers
-    assert model.base_model.model.is_gradient_checkpointing
+    assert models.gradient_checkpointing_enabled(model)
     assert model.peft_config["default"].lora_alpha == 8
     # prepare_model_for_kbit_training upcasts the non-quantized parameters to float32
     assert model.base_model.model.model.norm.weight.dtype == torch.float32
