@@ -1,8 +1,10 @@
 """Peak memory of fine-tuning steps, guarded by pytest-gpumem.
 
-Every test loads its own model through ``from_pretrained`` (phase ``load``),
-applies LoRA through peft, and runs two real AdamW steps (phases ``step1``,
-``step2``). The reference setup is QLoRA: nf4 with double quantization, LoRA
+Every test loads its own model through ``from_pretrained`` and applies LoRA
+through peft in a fixture (phase ``load`` of its setup), then runs two real
+AdamW steps (phases ``step1``, ``step2``). The model comes from a fixture so
+that it outlives the test body: when a test fails on memory, the advisor runs
+its step again with one lever changed and reports what each lever really saves. The reference setup is QLoRA: nf4 with double quantization, LoRA
 rank 8 on all linear layers, gradient checkpointing; each other setup changes
 one thing. The plugin fails a test whose peak grows more than 2% over its
 stored baseline, or passes its size's budget (see conftest.py).
@@ -44,11 +46,16 @@ def sequence_length(size: str, factor: int) -> int:
     return (64 if size == "tiny" else 512) * factor
 
 
-@pytest.mark.parametrize("setup", SETUPS.values(), ids=SETUPS.keys())
-def test_finetune_step(size, setup, quantized_model, lora, train_step, gpumem):
+@pytest.fixture
+def model(size, setup, quantized_model, lora, gpumem):
+    """The setup's model, quantized and with LoRA applied."""
     with gpumem.phase("load"):
         model = quantized_model("llama", size=size, quant=setup.quant, double_quant=setup.double_quant)
-        model = lora(model, r=setup.r, gradient_checkpointing=setup.gradient_checkpointing)
+        return lora(model, r=setup.r, gradient_checkpointing=setup.gradient_checkpointing)
+
+
+@pytest.mark.parametrize("setup", SETUPS.values(), ids=SETUPS.keys())
+def test_finetune_step(size, setup, model, train_step):
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     losses = train_step(model, batch=setup.batch, seq=sequence_length(size, setup.seq_factor), steps=2)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -147,6 +148,20 @@ def lora(request: pytest.FixtureRequest) -> Callable[..., Any]:
 _TRAIN_STEPS = inspect.signature(training.train_steps)
 
 
+def _weak_step(model: Any) -> Callable[..., list[float]]:
+    """``train_steps`` on ``model`` for the advisor's what-ifs, without keeping the model alive (see Registration)."""
+    ref = weakref.ref(model)
+
+    @functools.wraps(training.train_steps)
+    def step(**knobs: Any) -> list[float]:
+        target = ref()
+        if target is None:
+            raise ReferenceError("the model trained by train_step was freed when the test ended")
+        return training.train_steps(target, **knobs)
+
+    return step
+
+
 @pytest.fixture
 def train_step(gpumem: GpuMem, request: pytest.FixtureRequest) -> Callable[..., list[float]]:
     """Run real optimizer steps, each a phase of the measurement: ``train_step(model, batch=2, seq=64,
@@ -162,7 +177,7 @@ def train_step(gpumem: GpuMem, request: pytest.FixtureRequest) -> Callable[..., 
             knobs["gradient_checkpointing"] = models.gradient_checkpointing_enabled(model)
         measurement.register_model(model)
         registration = measurement.registration
-        registration.step = functools.partial(training.train_steps, model)
+        registration.step = _weak_step(model)
         registration.knobs.update(knobs)
         return training.train_steps(model, **kwargs, phase=gpumem.phase)
 

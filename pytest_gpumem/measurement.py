@@ -10,6 +10,7 @@ keeps the larger peak.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,24 +31,42 @@ gradient accumulation steps, optimizer steps, gradient checkpointing (bool), aut
 class Registration:
     """What a test made visible of its training setup, for the advisor.
 
-    ``step`` runs the test's training step again with knobs given as keyword
-    arguments (a subset of :data:`KNOBS`); ``knobs`` are the values the test
-    ran with. The fixtures register themselves; a test with its own training
-    code registers through ``gpumem.register(...)``.
+    Models and optimizers are held by weak references: registering must not
+    keep alive what the test frees (``del model`` in a test that compares two
+    loads), or it would change what is measured. What the test still holds
+    when it ends (a model from a function-scoped fixture, say) can be
+    inspected and re-run. ``step`` runs the test's training step again with
+    knobs given as keyword arguments (a subset of :data:`KNOBS`); ``knobs``
+    are the values the test ran with. The fixtures register themselves; a
+    test with its own training code registers through ``gpumem.register(...)``.
     """
 
-    models: list[Any] = field(default_factory=list)
-    optimizers: list[Any] = field(default_factory=list)
+    _models: list[weakref.ref[Any]] = field(default_factory=list)
+    _optimizers: list[weakref.ref[Any]] = field(default_factory=list)
     step: Callable[..., Any] | None = None
     knobs: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def models(self) -> list[Any]:
+        """The registered models still alive, the latest registered first (``lora`` wraps what
+        ``quantized_model`` made)."""
+        return [m for m in (ref() for ref in self._models) if m is not None]
+
+    @property
+    def optimizers(self) -> list[Any]:
+        return [o for o in (ref() for ref in self._optimizers) if o is not None]
+
+    @property
+    def models_freed(self) -> bool:
+        """Models were registered, and the test freed them all (so its step cannot run again)."""
+        return bool(self._models) and not self.models
+
     def add_model(self, model: Any) -> None:
-        """Register ``model``; the latest registered comes first (``lora`` wraps what ``quantized_model`` made)."""
-        self.models = [model] + [m for m in self.models if m is not model]
+        self._models = [weakref.ref(model)] + [ref for ref in self._models if ref() is not model]
 
     def add_optimizer(self, optimizer: Any) -> None:
-        if all(o is not optimizer for o in self.optimizers):
-            self.optimizers.append(optimizer)
+        if all(ref() is not optimizer for ref in self._optimizers):
+            self._optimizers.append(weakref.ref(optimizer))
 
 
 _active: Measurement | None = None

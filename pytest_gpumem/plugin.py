@@ -227,7 +227,7 @@ class GpuMemPlugin:
         registration = measurement.registration
         setup = introspect.inspect_setup(registration.models, registration.optimizers, registration.knobs, measurement.probe)
         measure = None
-        if policy != "none":
+        if policy != "none" and not registration.models_freed:  # a what-if needs the model alive after the test
             measure = whatif.make_measure(registration, lambda: meters.create(self.meter.backend, attribute=False))
         return advisor.advise(
             result.sample.attribution,

@@ -109,3 +109,80 @@ def test_bad_explain_value_names_its_source(pytester):
     result = pytester.runpytest("--gpumem-explain=some")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--gpumem-explain: unknown explain 'some'; choose one of failed, all, none*"])
+
+
+def test_registering_a_model_does_not_keep_it_alive(pytester):
+    """A test that frees a registered model gets its memory back: registration holds it weakly."""
+    pytester.makepyfile(
+        test_free="""
+        import torch
+
+        def test_free(gpumem):
+            model = torch.nn.Linear(512, 512)  # 1 MiB of weights, 2 KiB of bias
+            gpumem.register(model=model, batch=1)
+            del model
+            with gpumem.phase("after"):
+                x = torch.ones(2**18)  # 1 MiB
+            assert gpumem.peak(phase="after") == 2**20
+        """
+    )
+    pytester.runpytest().assert_outcomes(passed=1)
+
+
+def test_failing_training_step_gets_measured_levers(pytester):
+    """A tiny QLoRA step over its budget: the advisor re-runs the step with each knob turned and
+    recommends the cheapest-in-quality lever that fits; the model comes from a fixture, so it outlives
+    the test body."""
+    pytester.makepyfile(
+        test_step="""
+        import pytest
+
+        @pytest.fixture
+        def model(quantized_model, lora):
+            return lora(quantized_model("llama", size="tiny", quant="nf4"), r=8, gradient_checkpointing=False)
+
+        @pytest.mark.gpumem(budget="3 MiB")
+        def test_step(model, train_step):
+            train_step(model, batch=4, seq=64, steps=2)
+        """
+    )
+    result, tests = run(pytester)
+    result.assert_outcomes(failed=1)
+    advice = tests["test_step.py::test_step"]["advice"]
+    levers = {lever["key"]: lever for lever in advice["levers"]}
+    for key in ("batch", "checkpointing", "seq"):
+        assert levers[key]["source"] == "measured" and levers[key]["saving"] > 0
+        assert levers[key]["estimated"] is not None
+    assert levers["rank"]["source"] == "estimated"
+    assert advice["recommended"] and advice["needed"] > 0
+    chosen = [levers[key] for key in advice["recommended"]]
+    assert sum(lever["saving"] for lever in chosen) >= advice["needed"]
+    result.stdout.fnmatch_lines(["*lever*(measured)*", "*advice*enough*"])
+
+
+def test_explain_none_estimates_without_running_again(pytester):
+    pytester.makepyfile(
+        test_step="""
+        import pytest
+
+        @pytest.fixture
+        def model(quantized_model, lora):
+            return lora(quantized_model("llama", size="tiny", quant="nf4"), r=8, gradient_checkpointing=False)
+
+        @pytest.mark.gpumem(budget="3 MiB")
+        def test_step(model, train_step):
+            train_step(model, batch=4, seq=64, steps=2)
+
+        @pytest.mark.gpumem
+        def test_passing(model, train_step):
+            train_step(model, batch=1, seq=16, steps=1)
+        """
+    )
+    result, tests = run(pytester, "--gpumem-explain=none")
+    result.assert_outcomes(failed=1, passed=1)
+    levers = tests["test_step.py::test_step"]["advice"]["levers"]
+    assert levers and all(lever["source"] == "estimated" for lever in levers)
+    assert tests["test_step.py::test_passing"]["advice"] is None
+
+    result, tests = run(pytester, "--gpumem-explain=all")
+    assert tests["test_step.py::test_passing"]["advice"] is not None
