@@ -186,3 +186,33 @@ def test_explain_none_estimates_without_running_again(pytester):
 
     result, tests = run(pytester, "--gpumem-explain=all")
     assert tests["test_step.py::test_passing"]["advice"] is not None
+
+
+def test_own_training_code_registers_its_knobs_and_gets_measured_levers(pytester):
+    pytester.makepyfile(
+        test_own="""
+        import pytest, torch
+
+        @pytest.fixture
+        def model():
+            return torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 256))
+
+        @pytest.mark.gpumem(budget="4 MiB")
+        def test_own(model, gpumem):
+            optimizer = torch.optim.AdamW(model.parameters())
+
+            def step(batch=512, accumulation=1):
+                for _ in range(accumulation):
+                    model(torch.randn(batch, 256)).square().mean().backward()
+                optimizer.step()
+                optimizer.zero_grad()
+
+            gpumem.register(model=model, optimizer=optimizer, step=step, batch=512, accumulation=1)
+            step()
+        """
+    )
+    result, tests = run(pytester)
+    result.assert_outcomes(failed=1)
+    levers = {lever["key"]: lever for lever in tests["test_own.py::test_own"]["advice"]["levers"]}
+    assert levers["batch"]["source"] == "measured" and levers["batch"]["saving"] > 0
+    assert "batch 512 -> 256" in levers["batch"]["action"]
