@@ -1,11 +1,17 @@
 """The ``cuda`` backend: the caching allocator's own statistics, plus NVML.
 
-Nothing runs per allocation: the allocator already keeps the current and peak
-``allocated`` and ``reserved`` bytes of every device, so a test costs a reset
-before it and a few reads at each phase boundary. ``device`` is what NVML says
-the device has in use (the CUDA context and library workspaces included, and
-other processes' memory too); NVML has no peak, so it is read at every phase
-boundary, where the caching allocator still holds what the phase reserved.
+The measurement costs nothing per allocation: the allocator already keeps the
+current and peak ``allocated`` and ``reserved`` bytes of every device, so a
+test costs a reset before it and a few reads at each phase boundary. ``device``
+is what NVML says the device has in use (the CUDA context and library
+workspaces included, and other processes' memory too); NVML has no peak, so it
+is read at every phase boundary, where the caching allocator still holds what
+the phase reserved.
+
+For the attribution, a storage tracker (see :mod:`.tracker`) runs beside the
+allocator, counting in the allocator's 512-byte blocks: it costs Python work
+per operator, and ``CudaMeter(attribute=False)`` leaves it out. The
+allocator's statistics stay the measurement either way.
 
 Statistics go through ``torch.accelerator`` so that other accelerators with the
 same memory API (ROCm appears as ``cuda``) need no other code.
@@ -17,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .. import oom
 from ..sample import Peaks
 from . import release_failures
 from .tracker import StorageTracker
@@ -67,6 +74,9 @@ class CudaMeter:
         self._nvml = _nvml_handles(len(self.devices))
         self.metrics: tuple[str, ...] = ("allocated", "reserved") + (("device",) if self._nvml else ())
         self._before: Peaks = {}
+        self._last_before: Peaks = {}  # the last test's, to tell what it left allocated
+        self._fractions: dict[int, float] = {}  # each device's memory fraction before a limit was set
+        oom.watch_cuda()
 
     def _device_used(self) -> dict[str, int]:
         import pynvml
@@ -75,8 +85,33 @@ class CudaMeter:
         handles = zip(self.names, self._nvml, strict=True)
         return {name: int(pynvml.nvmlDeviceGetMemoryInfo(handle).used) for name, handle in handles}
 
+    def set_limit(self, limit: int | None) -> None:
+        """Cap each device's caching allocator at ``limit`` bytes (a smaller GPU simulated), through its
+        per-process memory fraction; None puts the fraction back as it was. The cap is on what the allocator
+        reserves for the whole process (earlier tests' leftovers included); the CUDA context and what
+        libraries take outside the allocator are not under it. ValueError for a limit above a device's memory.
+        """
+        from ..units import format_bytes
+
+        for index, name in zip(self.devices, self.names, strict=True):
+            if limit is None:
+                if index in self._fractions:
+                    torch.cuda.set_per_process_memory_fraction(self._fractions.pop(index), index)
+                continue
+            total = torch.cuda.get_device_properties(index).total_memory
+            if limit > total:
+                raise ValueError(
+                    f"device_limit {format_bytes(limit)} is more than {name}'s {format_bytes(total)}: "
+                    "a limit can only simulate a smaller device"
+                )
+            if index not in self._fractions:
+                get = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+                self._fractions[index] = float(get(index)) if get is not None else 1.0
+            torch.cuda.set_per_process_memory_fraction(limit / total, index)
+
     def begin(self) -> Peaks:
         release_failures()
+        oom.forget_observed()
         memory = torch.accelerator.memory
         for index in self.devices:
             torch.accelerator.synchronize(index)
@@ -108,8 +143,24 @@ class CudaMeter:
         return peaks
 
     def end(self) -> None:
-        self._before = {}
+        if self._before:
+            self._last_before, self._before = self._before, {}
         if self.tracker is not None:
             self.tracker.__exit__(None, None, None)
             self.tracker.forget()
             self.tracker = None
+
+    def leftover(self) -> dict[str, int]:
+        """Bytes per device still allocated above what was resident before the last measured test began,
+        after a full collection (dropping what pytest keeps of a failure) and emptying the allocator's cache:
+        call it after the test's teardown."""
+        release_failures()
+        for index in self.devices:
+            torch.accelerator.synchronize(index)
+        torch.accelerator.memory.empty_cache()
+        before = self._last_before.get("allocated", {})
+        left = {
+            name: torch.accelerator.memory.memory_allocated(index) - before.get(name, 0)
+            for index, name in zip(self.devices, self.names, strict=True)
+        }
+        return {name: n for name, n in left.items() if n > 0}
