@@ -159,16 +159,26 @@ class Attributor:
         device = max(allocated, key=lambda d: allocated[d])
         if device not in tracker.window:
             return None
-        _, seq, (phase, stage, module) = tracker.window[device]
+        _, seq, where = tracker.window[device]
+        reserved = (call.get("reserved") or {}).get(device)
+        used = (call.get("device") or {}).get(device)
+        attribution = self.at(device, seq, where)
+        attribution.fragmentation = max(0, reserved - allocated[device]) if reserved is not None else 0
+        attribution.context = max(0, used - reserved) if used is not None and reserved is not None else 0
+        return attribution
+
+    def at(self, device: str, seq: int, where: tuple[str, str, Any]) -> Attribution:
+        """The bytes alive on ``device`` at moment ``seq`` by consumer, located at ``where`` (phase, stage,
+        module), with the highest moment of each stage of the window so far (the moment of an
+        out-of-memory error, for one)."""
+        phase, stage, module = where
         if isinstance(module, int):
             module = self.names.get(module, "")
         stages = {
             name: self._breakdown(device, peaks[device][1])
-            for name, peaks in sorted(tracker.stage_peaks.items())
+            for name, peaks in sorted(self.tracker.stage_peaks.items())
             if name and device in peaks
         }
-        reserved = (call.get("reserved") or {}).get(device)
-        used = (call.get("device") or {}).get(device)
         return Attribution(
             peak=self._breakdown(device, seq),
             device=device,
@@ -176,8 +186,6 @@ class Attributor:
             stage=stage,
             module=module or "",
             stages=stages,
-            fragmentation=max(0, reserved - allocated[device]) if reserved is not None else 0,
-            context=max(0, used - reserved) if used is not None and reserved is not None else 0,
         )
 
     def _breakdown(self, device: str, seq: int) -> Breakdown:

@@ -7,6 +7,9 @@
   into the document one unsharded run writes.
 - ``gpumem report --history PATH``: per-test trends, the commits where memory
   stepped, and a plot (PNG and HTML).
+- ``gpumem estimate --arch llama --size 8b ... --gpu H100``: one QLoRA training
+  step predicted without a GPU (see :mod:`pytest_gpumem.estimate`); exits 1
+  when it does not fit the GPU.
 
 Each subcommand is one function registered with :func:`command`, which also
 declares its arguments; adding one is writing that function. Bad input is a
@@ -308,6 +311,65 @@ def report(args: argparse.Namespace) -> int:
 
 
 # -- the entry point
+
+
+# -- estimate
+
+
+@command(
+    "estimate",
+    "predict the GPU memory of one QLoRA training step without a GPU (fake tensors): the peak, what holds "
+    "it, whether it fits the GPU, and the levers that would make it fit; exit 0 if it fits, 1 if not",
+    arg("--arch", default="llama", help="preset architecture (llama, mistral, qwen2) or a local config.json path"),
+    arg("--size", default="8b", help="preset size, e.g. 1b, 8b (ignored with a config path; default: 8b)"),
+    arg("--quant", default="nf4", help="nf4, fp4, int8, or unquantized bf16/fp16/fp32 (default: nf4)"),
+    arg("--no-double-quant", action="store_true", help="without double quantization of the 4-bit statistics"),
+    arg("--compute-dtype", default="bfloat16", help="bitsandbytes compute dtype (default: bfloat16)"),
+    arg("--lora-r", type=int, default=16, help="LoRA rank; alpha is 2r (default: 16)"),
+    arg("--lora-targets", default="all-linear", help="all-linear, or comma-separated module names (q_proj,v_proj)"),
+    arg("--batch", type=int, default=1, help="per-device batch size (default: 1)"),
+    arg("--seq", type=int, default=2048, help="sequence length in tokens (default: 2048)"),
+    arg("--gradient-checkpointing", action="store_true", help="with gradient checkpointing"),
+    arg("--optimizer", default="adamw", help="adamw, adamw8bit or paged_adamw8bit (default: adamw)"),
+    arg("--gpu", default="H100", help="H100, H200, A100-40GB, A100-80GB, L4, A10, T4, RTX-4090, or a size: 16GiB"),
+    arg("--no-levers", action="store_true", help="skip the levers (each is a further estimate)"),
+    arg("--json", action="store_true", help="print one JSON object instead of the table"),
+)
+def estimate_command(args: argparse.Namespace) -> int:
+    import json
+
+    from . import estimate
+    from .gpus import find_gpu
+    from .models import PRESETS
+    from .report.estimate import lines
+
+    gpu = find_gpu(args.gpu, "--gpu")
+    config = None
+    if args.arch not in PRESETS:
+        if not Path(args.arch).exists():
+            raise CliError(f"--arch: {args.arch!r} is neither a preset ({', '.join(PRESETS)}) nor an existing path")
+        config = Path(args.arch)
+    targets = args.lora_targets if args.lora_targets == "all-linear" else tuple(args.lora_targets.split(","))
+    recipe = estimate.Recipe(
+        arch=args.arch if config is None else "",
+        size=args.size if config is None else None,
+        config=config,
+        quant=args.quant,
+        double_quant=not args.no_double_quant,
+        compute_dtype=args.compute_dtype,
+        lora_r=args.lora_r,
+        lora_targets=targets,
+        batch=args.batch,
+        seq=args.seq,
+        gradient_checkpointing=args.gradient_checkpointing,
+        optimizer=args.optimizer,
+    )
+    result = estimate.estimate(recipe, gpu, advise=not args.no_levers)
+    if args.json:
+        print(json.dumps(result.to_dict(), sort_keys=True, indent=2))
+    else:
+        _print(lines(result))
+    return 0 if result.fits else 1
 
 
 def parser() -> argparse.ArgumentParser:

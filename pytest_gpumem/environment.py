@@ -48,9 +48,14 @@ def device_key(name: str, total_memory: int) -> str:
     return key
 
 
-def hardware_key(backend: str) -> str:
-    """The run's hardware key: ``cpu``, or the GPU model. Several GPUs of one model share
-    one key; a mix of models joins them with ``+``."""
+def hardware_key(backend: str, gpu: str | None = None) -> str:
+    """The run's hardware key: ``cpu``, the GPU model, or ``estimate:<gpu>`` for predictions of ``gpu``
+    (so that predictions are compared with predictions). Several GPUs of one model share one key; a mix
+    of models joins them with ``+``."""
+    if backend == "estimate":
+        from .gpus import DEFAULT_GPU, find_gpu
+
+        return "estimate:" + find_gpu(gpu or DEFAULT_GPU, "--gpumem-estimate-gpu").key
     if backend != "cuda":
         return "cpu"
     import torch

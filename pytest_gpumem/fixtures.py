@@ -15,6 +15,7 @@ import pytest
 
 from . import models, training
 from .measurement import KNOBS, Measurement
+from .sample import Fit
 
 MEASUREMENT = pytest.StashKey[Measurement]()
 """The running measurement of an item, in ``item.stash`` from setup until its report."""
@@ -66,6 +67,31 @@ class GpuMem:
             registration.step = step
         registration.knobs.update(knobs)
 
+    def max_fit(self, step: Callable[[int], Any], start: int, *, floor: int = 1, knob: str = "batch") -> Fit:
+        """Find the largest value from ``floor`` to ``start`` for which ``step(value)`` runs without running
+        out of memory: the search is the test's purpose ("the largest batch that fits in 16 GiB").
+
+        Each run happens inside the test, under its device limit (marker or
+        ``--gpumem-device-limit``; without one the device's own memory, and on the
+        cpu backend nothing runs out), and is measured as part of it. Values are
+        halved from ``start`` until one fits, then bisected. Returns the
+        :class:`~pytest_gpumem.sample.Fit` (``.value``: the largest that fits, None
+        if not even ``floor`` does; ``.peak``: the test's peak at it; ``.tried``),
+        which every report shows; assert on it.
+        """
+        from . import oom
+
+        for name, value in (("start", start), ("floor", floor)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"gpumem.max_fit: {name} must be a positive int, got {value!r}")
+        if floor > start:
+            raise ValueError(f"gpumem.max_fit: floor {floor} is above start {start}")
+        if not callable(step):
+            raise ValueError(f"gpumem.max_fit: step must be callable with one value, got {step!r}")
+        fit = oom.fit_in_test(self._measurement, step, knob, start, floor)
+        self._measurement.fits.append(fit)
+        return fit
+
 
 @pytest.fixture
 def gpumem(request: pytest.FixtureRequest) -> GpuMem:
@@ -114,13 +140,23 @@ def quantized_model(gpumem: GpuMem, gpumem_model_dir: Path, request: pytest.Fixt
         models.check_choice("compute_dtype", compute_dtype, models.COMPUTE_DTYPES)
         if path is None and arch is None:
             path = settings_of(request.config).model_path
+        measurement = request.node.stash[MEASUREMENT]
+        if settings_of(request.config).backend == "estimate":
+            # Predicted, not loaded: the model is built from its config on fake tensors, quantized as
+            # from_pretrained quantizes it, and no checkpoint is made or read.
+            from . import estimate
+
+            recipe = estimate.Recipe(arch=arch or "llama", size=size, config=Path(path) if path else None)
+            with measurement.stage("load"):
+                model = estimate.fake_model(estimate.model_config(recipe), quant, double_quant, compute_dtype)
+            measurement.register_model(model)
+            return model
         if path is None:
             path = models.ensure_checkpoint(gpumem_model_dir, arch or "llama", size)
         elif not Path(path, "config.json").is_file():
             raise ValueError(f"quantized_model: {str(path)!r} is not a checkpoint directory (no config.json)")
         if device_map is _DEFAULT:
             device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
-        measurement = request.node.stash[MEASUREMENT]
         with measurement.stage("load"):
             model = models.load(path, quant, double_quant, compute_dtype, device_map)
         measurement.register_model(model)

@@ -239,7 +239,8 @@ class Probe:
         embeds = kwargs.get("inputs_embeds")
         tokens = ids if isinstance(ids, torch.Tensor) else embeds if isinstance(embeds, torch.Tensor) else None
         if tokens is not None and tokens.dim() >= 2:
-            self._device = tokens.device.type
+            # The estimate backend's meta tensors stand for a CUDA device (and meta has no autocast state).
+            self._device = "cuda" if tokens.device.type == "meta" else tokens.device.type
             batch, seq = int(tokens.shape[0]), int(tokens.shape[1])
             if seen.batch is None or seen.seq is None or batch * seq > seen.batch * seen.seq:
                 seen.batch, seen.seq = batch, seq

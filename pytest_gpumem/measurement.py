@@ -16,9 +16,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import meters
 from .attribution import Attributor
 from .meters import Meter
-from .sample import Attribution, Peaks, Sample, largest, merge_max
+from .sample import Attribution, Fit, OutOfMemory, Peaks, Sample, largest, merge_max
 from .snapshot import cuda_snapshot, from_records, start_cuda_history, stop_cuda_history
 
 KNOBS = ("batch", "seq", "accumulation", "steps", "gradient_checkpointing", "autocast", "optimizer")
@@ -80,8 +81,14 @@ def active() -> Measurement | None:
 class Measurement:
     """Measures one test from ``begin`` (in the constructor) to :meth:`finish`."""
 
-    def __init__(self, meter: Meter, snapshot: bool = False) -> None:
+    def __init__(self, meter: Meter, snapshot: bool = False, limit: int | None = None) -> None:
         self._meter = meter
+        self.limit = limit  # the device limit in force while it measures (None: the device's own memory)
+        if limit is not None:
+            guard = meters.guard(meter)
+            if guard is None:
+                raise ValueError(f"device_limit: the {meter.backend} backend cannot enforce a device limit")
+            guard.set_limit(limit)  # ValueError for a limit the device cannot simulate
         self.before = meter.begin()
         tracker = getattr(meter, "tracker", None)
         self._attributor = Attributor(tracker) if tracker is not None else None
@@ -96,6 +103,8 @@ class Measurement:
         self.registration = Registration()
         self.attribution: Attribution | None = None
         self.probe: Any = None  # an introspect.Probe on the latest registered model
+        self.fits: list[Fit] = []  # searches the test ran with gpumem.max_fit
+        self._spans: list[Peaks] = []  # the peaks of each open span()
         global _active
         _active = self
 
@@ -104,6 +113,29 @@ class Measurement:
         merge_max(self._overall, segment)
         for name in self._open:
             merge_max(self.phases[name], segment)
+        for peaks in self._spans:
+            merge_max(peaks, segment)
+
+    @contextmanager
+    def span(self) -> Iterator[Peaks]:
+        """Measure the enclosed block on its own, phases opened inside it included (it still counts for every
+        open phase): the yielded dict holds its peaks, above what was resident before the test, once the
+        block has ended."""
+        self._close_segment()
+        peaks: Peaks = {}
+        self._spans.append(peaks)
+        try:
+            yield peaks
+        finally:
+            self._close_segment()
+            self._spans.remove(peaks)
+
+    def out_of_memory(self, error: BaseException) -> OutOfMemory | None:
+        """What the exception that ended the test says of an out-of-memory failure, with the attribution at
+        the moment the allocation failed; None if it is not one. Call it before :meth:`finish`."""
+        from . import oom
+
+        return oom.capture(error, self._meter.backend, self.limit, self._attributor)
 
     def enter(self, name: str) -> None:
         self._close_segment()
@@ -129,6 +161,12 @@ class Measurement:
             return
         with self._attributor.stage(name):
             yield
+
+    def release(self) -> None:
+        """Drop what the measurement holds of the test (its registered step and knobs), so that what is
+        still alive after the test's teardown is the test's doing, not the plugin's."""
+        self.registration = Registration()
+        self.probe = None
 
     def register_model(self, model: Any) -> None:
         """Register a model for the advisor (watched by a probe while the test runs), and its weights
@@ -181,6 +219,10 @@ class Measurement:
             if self.probe is not None:
                 self.probe.detach()
             self._meter.end()
+            if self.limit is not None:
+                guard = meters.guard(self._meter)
+                assert guard is not None
+                guard.set_limit(None)
             self.finished = True
             global _active
             if _active is self:

@@ -11,6 +11,7 @@ controller (or a run without xdist) writes baselines and reports.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Generator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,7 +35,7 @@ from .marker import MARKER_HELP, parse_marker
 from .measurement import Measurement
 from .report import json_report, markdown
 from .report.terminal import failure_message, summary_lines
-from .sample import Advice, Baseline, Environment, Spec, TestResult
+from .sample import LEAK_FLAG, Advice, Baseline, Environment, Fit, Leak, OutOfMemory, Spec, TestResult, largest
 from .settings import Settings, add_options, resolve
 from .store import BaselineError, BaselineStore, UpdateSummary, write_atomic
 from .units import BadValue
@@ -42,7 +43,10 @@ from .units import BadValue
 PLUGIN = pytest.StashKey["GpuMemPlugin"]()
 SPEC = pytest.StashKey[Spec]()
 MARKER_ERROR = pytest.StashKey[str]()
+OOM = pytest.StashKey[OutOfMemory]()  # the out-of-memory error that ended the test's call
+LEAK = pytest.StashKey[Leak]()  # what the test left alive after its teardown
 PROPERTY = "gpumem"  # the user_properties key that carries a TestResult to the controller
+LEAK_PROPERTY = "gpumem-leak"  # and the one that carries its leak, with the teardown's report
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -79,7 +83,8 @@ def settings_of(config: pytest.Config) -> Settings:
 
 def pytest_report_teststatus(report: pytest.TestReport) -> tuple[str, str, str] | None:
     if getattr(report, "gpumem_failed", False):
-        return "failed", "M", "MEMORY"
+        # A fixture that ran out of memory is an error of the setup, as pytest counts any failed setup.
+        return ("failed" if report.when == "call" else "error"), "M", "MEMORY"
     return None
 
 
@@ -103,7 +108,7 @@ class GpuMemPlugin:
     def meter(self) -> meters.Meter:
         if self._meter is None:
             try:
-                self._meter = meters.create(self.settings.backend)
+                self._meter = meters.create(self.settings.backend, gpu=self.settings.estimate_gpu)
             except meters.NoBackend as exc:
                 raise pytest.UsageError(f"--gpumem-backend {self.settings.backend}: {exc}") from None
         return self._meter
@@ -112,7 +117,8 @@ class GpuMemPlugin:
     def environment(self) -> Environment:
         if self._environment is None:
             backend = self.meter.backend
-            self._environment = Environment(backend, hardware_key(backend), software_versions())
+            hardware = hardware_key(backend, self.settings.estimate_gpu)
+            self._environment = Environment(backend, hardware, software_versions())
         return self._environment
 
     def _is_measured(self, item: pytest.Item) -> bool:
@@ -145,16 +151,31 @@ class GpuMemPlugin:
                 metrics=self.meter.metrics,
                 backend=self.meter.backend,
                 where=f"gpumem marker of {item.nodeid}",
+                default_device_limit=self.settings.device_limit,
+                default_leak=self.settings.leak,
             )
         except BadValue as exc:
             # Raised from the plain hook below: a wrapper that raises before it
             # yields would keep the other plugins' setup wrappers from running.
             item.stash[MARKER_ERROR] = str(exc)
             return (yield)
-        measurement = item.stash[MEASUREMENT] = Measurement(self.meter, snapshot=self.settings.snapshot is not None)
-        trainer.install()  # a transformers Trainer made by the test reports its model, optimizer and steps
-        with measurement.phase("setup"):
+        try:
+            measurement = Measurement(
+                self.meter, snapshot=self.settings.snapshot is not None, limit=item.stash[SPEC].device_limit
+            )
+        except ValueError as exc:  # a device limit this backend or device cannot enforce
+            item.stash[MARKER_ERROR] = f"gpumem: {item.nodeid}: {exc}"
             return (yield)
+        item.stash[MEASUREMENT] = measurement
+        trainer.install()  # a transformers Trainer made by the test reports its model, optimizer and steps
+        try:
+            with measurement.phase("setup"):
+                return (yield)
+        except BaseException as error:
+            found = measurement.out_of_memory(error)  # a fixture that ran out of memory (a model too large)
+            if found is not None:
+                item.stash[OOM] = found
+            raise
 
     @pytest.hookimpl(tryfirst=True, specname="pytest_runtest_setup")
     def pytest_runtest_setup_check_marker(self, item: pytest.Item) -> None:
@@ -169,6 +190,11 @@ class GpuMemPlugin:
         try:
             with measurement.phase("call"):
                 return (yield)
+        except BaseException as error:
+            found = measurement.out_of_memory(error)  # while the tracker still knows the moment it failed
+            if found is not None:
+                item.stash[OOM] = found
+            raise
         finally:
             measurement.finish()
 
@@ -179,18 +205,61 @@ class GpuMemPlugin:
             measurement.finish()  # a failed setup leaves it running
             del item.stash[MEASUREMENT]
             trainer.uninstall()
-        return (yield)
+        try:
+            return (yield)
+        finally:
+            if measurement is not None:
+                self._check_leak(item, measurement)  # after the fixtures' teardown: what is left is left behind
+
+    def _check_leak(self, item: pytest.Item, measurement: Measurement) -> None:
+        """After the test's teardown: free what can be freed (pytest's hold on a failure, the fixture values,
+        the allocator's cache), then judge what the test still left alive as a leak."""
+        from . import oom
+        from .report.terminal import leak_message
+        from .training import GpuMemWarning
+
+        guard = meters.guard(self.meter)
+        spec = item.stash.get(SPEC, None)
+        if guard is None or spec is None:
+            return
+        if spec.leak is False:
+            return
+        measurement.release()
+        # pytest drops the fixture values right after the teardown's hooks (the fixtures are finalized by
+        # now); drop them here, or a model a fixture returned would look left behind.
+        funcargs = getattr(item, "funcargs", None)
+        if isinstance(funcargs, dict):
+            funcargs.clear()
+        peak = largest(measurement.phases.get("call", {}), "allocated") or 0
+        leak = oom.check_leak(guard.leftover(), spec.leak, peak, LEAK_FLAG)
+        if leak is not None:
+            item.stash[LEAK] = leak
+            if leak.flagged and not (leak.failed and not self.settings.warn_only):
+                # Attributed to the test's own line, which the warnings summary then shows.
+                path, line, _ = item.location
+                warnings.warn_explicit(GpuMemWarning(leak_message(leak)), GpuMemWarning, path, (line or 0) + 1)
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(
         self, item: pytest.Item, call: pytest.CallInfo[None]
     ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
         report: pytest.TestReport = yield
+        if report.when == "teardown" and LEAK in item.stash:
+            self._report_leak(item, report, item.stash[LEAK])
         measurement = item.stash.get(MEASUREMENT, None)
-        if report.when != "call" or measurement is None or report.skipped:
+        setup_oom = report.when == "setup" and OOM in item.stash  # a fixture ran out of memory: no call follows
+        if not (report.when == "call" or setup_oom) or measurement is None or report.skipped:
             return report
         result = self._judge(item, measurement, passed=report.passed)
+        result.fits = list(measurement.fits)
+        kept: list[Any] = []
+        if result.verdict.oom is not None:
+            kept = self._free_failure(call, measurement)
+            spec = item.stash[SPEC]
+            if spec.retry_on_oom is not None:
+                result.fits.append(self._retry(measurement, spec))
         result.advice = self._advise(measurement, result)
+        del kept  # the model and optimizers kept alive for the retry and the what-ifs
         if self.settings.snapshot is not None and result.verdict.status in ("regression", "over_budget"):
             result.snapshot = self._write_snapshot(measurement, item.nodeid)
         report.user_properties.append((PROPERTY, result.to_dict()))
@@ -201,7 +270,48 @@ class GpuMemPlugin:
             report.gpumem_failed = True  # type: ignore[attr-defined]
         else:
             report.sections.append(("gpumem", message))  # shown with the test's own failure, if any
+            if result.verdict.oom is not None:
+                report.gpumem_failed = True  # type: ignore[attr-defined]  # its failure is a memory one
         return report
+
+    def _free_failure(self, call: pytest.CallInfo[None], measurement: Measurement) -> list[Any]:
+        """Free what a test that ran out of memory still holds through its traceback (the failed step's
+        tensors), keeping its registered model and optimizers, which the retry and the what-ifs run again.
+        Under --pdb the frames are left for the debugger."""
+        from . import oom
+
+        kept = [*measurement.registration.models, *measurement.registration.optimizers]
+        if call.excinfo is not None and not self.config.getoption("usepdb", False):
+            oom.drop_frames(call.excinfo.value)
+            # The failure is rendered; pytest's parsed traceback would keep every frame (and its closures).
+            call.excinfo.traceback = call.excinfo.traceback[:1]
+        oom.release_cached()
+        return kept
+
+    def _retry(self, measurement: Measurement, spec: Spec) -> Fit:
+        """Search the registered step's ``retry_on_oom`` knob down, under the test's device limit."""
+        from . import oom
+
+        guard = meters.guard(self.meter)
+        held = max((guard.leftover() if guard else {}).values(), default=0)
+        backend = self.meter.backend
+        assert spec.retry_on_oom is not None
+        return oom.retry(
+            measurement.registration,
+            spec.retry_on_oom,
+            spec.device_limit,
+            lambda: meters.create(backend, attribute=False, gpu=self.settings.estimate_gpu),
+            held,
+        )
+
+    def _report_leak(self, item: pytest.Item, report: pytest.TestReport, leak: Leak) -> None:
+        """Send the leak to the controller with the teardown's report; fail that report over a set limit."""
+        from .report.terminal import leak_message
+
+        report.user_properties.append((LEAK_PROPERTY, {"nodeid": item.nodeid, "leak": leak.to_dict()}))
+        if leak.failed and report.passed and not self.settings.warn_only:
+            report.outcome = "failed"
+            report.longrepr = leak_message(leak)
 
     def _judge(self, item: pytest.Item, measurement: Measurement, passed: bool) -> TestResult:
         env = self.environment
@@ -213,6 +323,7 @@ class GpuMemPlugin:
             baseline,
             env.software,
             other_hardware=[hw for hw in self.store.hardware_with(item.nodeid) if hw != env.hardware],
+            oom=item.stash.get(OOM, None),
         )
         return TestResult(item.nodeid, env.hardware, sample, verdict, passed, baseline)
 
@@ -222,15 +333,25 @@ class GpuMemPlugin:
         policy = self.settings.explain
         if not (result.verdict.failed or policy == "all"):
             return None
-        from . import advisor, introspect, whatif
+        from . import advisor, introspect, oom, whatif
 
         registration = measurement.registration
         setup = introspect.inspect_setup(registration.models, registration.optimizers, registration.knobs, measurement.probe)
         measure = None
         if policy != "none" and not registration.models_freed:  # a what-if needs the model alive after the test
-            measure = whatif.make_measure(registration, lambda: meters.create(self.meter.backend, attribute=False))
+            measure = whatif.make_measure(
+                registration,
+                lambda: meters.create(self.meter.backend, attribute=False, gpu=self.settings.estimate_gpu),
+            )
+        # Out of memory, the levers act on the peak the test asked for: what was alive at the failure and the
+        # request; what they must free is the larger of the request's shortfall and the whole step's overshoot.
+        failure = result.verdict.oom
+        guard = meters.guard(self.meter)
+        if failure is not None and measure is not None and guard is not None:
+            measure = oom.remembering(measure)
+            failure.overshoot = oom.overshoot(failure, measure, guard.in_use().get(failure.device, 0))
         return advisor.advise(
-            result.sample.attribution,
+            oom.demand(failure) if failure is not None else result.sample.attribution,
             setup,
             introspect.findings(setup),
             needed(result.verdict),
@@ -261,6 +382,15 @@ class GpuMemPlugin:
         for name, value in report.user_properties:
             if name == PROPERTY:
                 self.results.append(TestResult.from_dict(cast(dict[str, Any], value)))
+            elif name == LEAK_PROPERTY:
+                self._attach_leak(cast(dict[str, Any], value))
+
+    def _attach_leak(self, value: dict[str, Any]) -> None:
+        """A teardown's leak belongs to the result its test's call sent just before."""
+        for result in reversed(self.results):
+            if result.nodeid == value["nodeid"]:
+                result.leak = Leak.from_dict(value["leak"])
+                return
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         from .history import HistoryError  # pandas itself is imported only when a history is written

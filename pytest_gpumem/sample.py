@@ -166,11 +166,144 @@ class Sample:
 
 @dataclass(frozen=True)
 class Spec:
-    """A test's memory contract, from its ``gpumem`` marker and the run's settings."""
+    """A test's memory contract, from its ``gpumem`` marker and the run's settings.
+
+    ``device_limit`` caps what the test may use on each device (a smaller GPU
+    simulated); ``leak`` is what the test may leave alive after its teardown:
+    None flags leftovers above :data:`LEAK_FLAG` without failing, False checks
+    nothing, a Tolerance fails the test above it. ``retry_on_oom`` names the
+    knob of the registered step that is searched down after an out-of-memory error.
+    """
 
     metric: str = "allocated"
     budget: int | None = None
     tolerance: Tolerance = Tolerance(percent=2.0)  # noqa: RUF009 - frozen, so sharing it is safe
+    device_limit: int | None = None
+    leak: Tolerance | bool | None = None
+    retry_on_oom: str | None = None
+
+
+LEAK_FLAG = Tolerance(floor=2**20)
+"""Leftovers above this are flagged (a warning, not a failure) when neither marker nor option sets a leak limit."""
+
+
+@dataclass
+class OutOfMemory:
+    """A test that ran out of memory: what it asked for, and the device at that moment.
+
+    ``requested`` is the allocation that failed (on CUDA what the caching
+    allocator tried to take from the device: the request rounded to its blocks);
+    ``allocated`` and ``reserved`` are bytes per device, as the device counts
+    them (on the cpu backend: the live storages the meter counts, of this test
+    and what earlier tests left alive). ``limit`` is the device limit in force
+    (None: the device's own memory), ``free`` what the device or the limit still
+    allowed, so the request was ``requested - free`` bytes short (:attr:`needed`).
+    ``overshoot`` is what the whole run needs beyond the limit, where the step
+    could be run again without it and measured: it may need more after the
+    allocation that failed. ``attribution`` is what was alive at the failure, by
+    consumer, and where the test was then; ``message`` the error's first line.
+    """
+
+    device: str
+    requested: int | None
+    allocated: dict[str, int] = field(default_factory=dict)
+    reserved: dict[str, int] = field(default_factory=dict)
+    limit: int | None = None
+    free: int | None = None
+    message: str = ""
+    attribution: Attribution | None = None
+    overshoot: int | None = None
+
+    @property
+    def needed(self) -> int | None:
+        """Bytes the failed request was short of; None where that is not known."""
+        if self.requested is None or self.free is None:
+            return None
+        return max(0, self.requested - self.free)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["attribution"] = self.attribution.to_dict() if self.attribution else None
+        data["needed"] = self.needed
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OutOfMemory:
+        attribution = data.get("attribution")
+        return cls(
+            device=data.get("device", ""),
+            requested=data.get("requested"),
+            allocated=dict(data.get("allocated") or {}),
+            reserved=dict(data.get("reserved") or {}),
+            limit=data.get("limit"),
+            free=data.get("free"),
+            message=data.get("message", ""),
+            attribution=Attribution.from_dict(attribution) if attribution else None,
+            overshoot=data.get("overshoot"),
+        )
+
+
+@dataclass
+class Leak:
+    """What a test left alive after its teardown: ``bytes`` (the most on any device, above what was
+    resident before it) per device in ``devices``; ``allowed`` is the limit (or the flagging threshold),
+    and ``enforced`` says whether going over it fails the test (the user set a limit) or only flags it."""
+
+    bytes: int
+    devices: dict[str, int] = field(default_factory=dict)
+    allowed: int = 0
+    enforced: bool = False
+
+    @property
+    def flagged(self) -> bool:
+        return self.bytes > self.allowed
+
+    @property
+    def failed(self) -> bool:
+        return self.enforced and self.flagged
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Leak:
+        return cls(
+            bytes=int(data["bytes"]),
+            devices=dict(data.get("devices") or {}),
+            allowed=int(data.get("allowed", 0)),
+            enforced=bool(data.get("enforced", False)),
+        )
+
+
+@dataclass
+class Fit:
+    """A search for the largest value of a knob (batch, seq) that fits in memory.
+
+    ``tried`` lists every value run, in order, with its peak (None: it ran out
+    of memory); ``value`` is the largest that fits (None: not even ``floor``
+    fits) and ``peak`` the test's peak at it. ``purpose``: the search was what
+    the test asked for (``gpumem.max_fit``), not a retry after the test ran out
+    of memory with ``start``. ``note`` says why a search could not run.
+    """
+
+    knob: str
+    start: int
+    floor: int = 1
+    value: int | None = None
+    peak: int | None = None
+    limit: int | None = None
+    tried: list[tuple[int, int | None]] = field(default_factory=list)
+    purpose: bool = False
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["tried"] = [list(pair) for pair in self.tried]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Fit:
+        return cls(**{**data, "tried": [(int(v), p) for v, p in data.get("tried", [])]})
 
 
 @dataclass
@@ -215,6 +348,7 @@ class Verdict:
     tolerance: str = ""
     software_changes: list[str] = field(default_factory=list)
     other_hardware: list[str] = field(default_factory=list)
+    oom: OutOfMemory | None = None  # with status oom: the failed request and the device at that moment
 
     @property
     def failed(self) -> bool:
@@ -227,11 +361,16 @@ class Verdict:
         return self.value - self.baseline
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        del data["oom"]
+        if self.oom is not None:  # only where there is one, so other verdicts read as before
+            data["oom"] = self.oom.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Verdict:
-        return cls(**data)
+        oom = data.get("oom")
+        return cls(**{**data, "oom": OutOfMemory.from_dict(oom) if oom else None})
 
 
 LEVERS = ("fix", "batch", "checkpointing", "seq", "bf16", "lora", "qlora", "rank", "optimizer")
@@ -317,6 +456,8 @@ class TestResult:
     baseline: Baseline | None = None
     advice: Advice | None = None
     snapshot: str = ""  # the memory snapshot written for it (--gpumem-snapshot), if any
+    leak: Leak | None = None  # what it left alive after its teardown (None: not checked)
+    fits: list[Fit] = field(default_factory=list)  # searches for the largest knob value that fits
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -328,6 +469,8 @@ class TestResult:
             "baseline": self.baseline.to_dict() if self.baseline else None,
             "advice": self.advice.to_dict() if self.advice else None,
             "snapshot": self.snapshot,
+            "leak": self.leak.to_dict() if self.leak else None,
+            "fits": [fit.to_dict() for fit in self.fits],
         }
 
     @classmethod
@@ -341,6 +484,8 @@ class TestResult:
             baseline=Baseline.from_dict(data["baseline"]) if data.get("baseline") else None,
             advice=Advice.from_dict(data["advice"]) if data.get("advice") else None,
             snapshot=data.get("snapshot", ""),
+            leak=Leak.from_dict(data["leak"]) if data.get("leak") else None,
+            fits=[Fit.from_dict(fit) for fit in data.get("fits", [])],
         )
 
 

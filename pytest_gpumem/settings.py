@@ -17,6 +17,7 @@ from typing import Any
 
 from .export import Export, parse_exports
 from .meters import BACKENDS
+from .oom import parse_device_limit, parse_leak
 from .units import BadValue, Tolerance, parse_tolerance
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -27,7 +28,7 @@ _FALSE = {"0", "false", "no", "off", ""}
 class Option:
     name: str  # the Settings field
     help: str
-    kind: str = "string"  # string | bool | path | choice | tolerance | exports
+    kind: str = "string"  # string | bool | path | choice | tolerance | exports | size | leak | gpu
     choices: tuple[str, ...] = ()
     ini: bool = True
 
@@ -48,9 +49,16 @@ OPTIONS = (
     Option(
         "backend",
         "how memory is measured: cuda (allocator + NVML), cpu (live tensor storages), "
+        "estimate (predicted for --gpumem-estimate-gpu on fake tensors, no GPU needed), "
         "or auto (cuda when a GPU is visible, else cpu). Default: auto.",
         kind="choice",
         choices=BACKENDS,
+    ),
+    Option(
+        "estimate_gpu",
+        "the GPU the estimate backend predicts for: H100, H200, A100-40GB, A100-80GB, L4, A10, T4, RTX-4090, "
+        "or a size such as 24GiB; its baselines are filed under estimate:<gpu>. Default: H100.",
+        kind="gpu",
     ),
     Option("baselines", "directory of baseline files. Default: baselines/ at the rootdir.", kind="path"),
     Option(
@@ -79,6 +87,18 @@ OPTIONS = (
         "(measured savings): failed (tests that fail on memory), all, or none. Default: failed.",
         kind="choice",
         choices=("failed", "all", "none"),
+    ),
+    Option(
+        "device_limit",
+        "run every measured test with each device capped at this size ('16 GiB'), as on a smaller GPU: "
+        "through the allocator's memory fraction on cuda, by the meter on cpu. A marker's device_limit wins.",
+        kind="size",
+    ),
+    Option(
+        "leak",
+        "what a measured test may leave alive after its teardown: a size, a percentage of its peak, or both "
+        "('1%, 1 MiB'); more errors the test; off: no check. Default: leftovers over 1 MiB are only flagged.",
+        kind="leak",
     ),
     Option(
         "snapshot",
@@ -114,6 +134,7 @@ OPTIONS = (
 @dataclass(frozen=True)
 class Settings:
     backend: str = "auto"
+    estimate_gpu: str = "H100"
     baselines: Path = Path("baselines")
     update_baselines: bool = False
     tolerance: Tolerance = Tolerance(percent=2.0)  # noqa: RUF009 - frozen, so sharing it is safe
@@ -121,6 +142,8 @@ class Settings:
     warn_only: bool = False
     model_path: Path | None = None
     explain: str = "failed"
+    device_limit: int | None = None
+    leak: Tolerance | bool | None = None  # None: flag leftovers over 1 MiB; False: no check; else a limit
     snapshot: Path | None = None
     json: Path | None = None
     markdown: Path | None = None
@@ -193,8 +216,16 @@ def _convert(option: Option, value: Any, source: str, base: Path) -> Any:
         return value
     if option.kind == "tolerance":
         return parse_tolerance(value, source)
+    if option.kind == "gpu":
+        from .gpus import find_gpu
+
+        return find_gpu(str(value), source).name
     if option.kind == "path":
         return base / Path(str(value)).expanduser()
     if option.kind == "exports":
         return parse_exports(value, source, base)
+    if option.kind == "size":
+        return parse_device_limit(value, source)
+    if option.kind == "leak":
+        return parse_leak(value, source)
     return value

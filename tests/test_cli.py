@@ -194,7 +194,7 @@ def test_a_subcommand_is_one_registered_function(capsys):
         assert capsys.readouterr().out == "hello world\n"
     finally:
         del cli.COMMANDS["hello"]
-    assert list(cli.COMMANDS) == ["compare", "merge", "report"]
+    assert list(cli.COMMANDS) == ["compare", "merge", "report", "estimate"]
 
 
 # -- report --history

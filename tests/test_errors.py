@@ -57,7 +57,7 @@ def test_marker_budget_as_positional_and_int(pytester):
             ["--gpumem-backend=tpu"],
             "",
             {},
-            "ERROR: --gpumem-backend: unknown backend 'tpu'; choose one of auto, cuda, cpu",
+            "ERROR: --gpumem-backend: unknown backend 'tpu'; choose one of auto, cuda, cpu, estimate",
         ),
         (["--gpumem-tolerance=-1%"], "", {}, "ERROR: --gpumem-tolerance: '-1%' is not a tolerance*"),
         ([], "gpumem_tolerance = abc", {}, "ERROR: ini option gpumem_tolerance: 'abc' is not a tolerance*"),

@@ -4,17 +4,22 @@ A meter measures one test at a time. ``begin`` cleans up, resets the peak
 statistics and returns what is resident (absolute bytes); each ``mark`` returns
 the peaks *above that* since the previous mark and starts a new segment, so the
 caller can assign segments to phases; ``end`` stops measuring.
+
+Some capabilities are optional (:class:`Guard`): ``set_limit`` caps every
+device (a smaller GPU simulated), ``leftover`` says what the last test left
+allocated after its teardown, and ``in_use`` what is allocated now, as a
+limit counts it. The cpu and cuda meters have them.
 """
 
 from __future__ import annotations
 
 import gc
 import sys
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from ..sample import Peaks
 
-BACKENDS = ("auto", "cuda", "cpu")
+BACKENDS = ("auto", "cuda", "cpu", "estimate")
 
 
 class Meter(Protocol):
@@ -26,6 +31,22 @@ class Meter(Protocol):
     def mark(self) -> Peaks: ...
 
     def end(self) -> None: ...
+
+
+@runtime_checkable
+class Guard(Protocol):
+    """What a meter needs to enforce a device limit and to find leaks."""
+
+    def set_limit(self, limit: int | None) -> None: ...
+
+    def leftover(self) -> dict[str, int]: ...
+
+    def in_use(self) -> dict[str, int]: ...
+
+
+def guard(meter: object) -> Guard | None:
+    """``meter`` as a :class:`Guard`, or None where it cannot limit a device or tell leftovers."""
+    return meter if isinstance(meter, Guard) else None
 
 
 _frozen = False
@@ -56,8 +77,9 @@ class NoBackend(RuntimeError):
 
 
 def resolve_backend(backend: str) -> str:
-    """``auto`` becomes cuda when a GPU is visible, else cpu; NoBackend for cuda without a GPU."""
-    if backend == "cpu":
+    """``auto`` becomes cuda when a GPU is visible, else cpu; NoBackend for cuda without a GPU. The estimate
+    backend needs no GPU."""
+    if backend in ("cpu", "estimate"):
         return backend
     import torch
 
@@ -68,9 +90,15 @@ def resolve_backend(backend: str) -> str:
     return "cpu"
 
 
-def create(backend: str, attribute: bool = True) -> Meter:
+def create(backend: str, attribute: bool = True, gpu: str | None = None) -> Meter:
     """The meter of ``backend``; NoBackend where it cannot measure here. ``attribute``: also keep what
-    the attribution needs (a storage tracker, on the cuda backend too)."""
+    the attribution needs (a storage tracker, on the cuda backend too). ``gpu``: the GPU the estimate
+    backend predicts for (a name or a size; default H100)."""
+    if backend == "estimate":
+        from ..gpus import DEFAULT_GPU, find_gpu
+        from .estimate import EstimateMeter
+
+        return EstimateMeter(find_gpu(gpu or DEFAULT_GPU, "--gpumem-estimate-gpu"), attribute=attribute)
     if resolve_backend(backend) == "cuda":
         from .cuda import CudaMeter
 

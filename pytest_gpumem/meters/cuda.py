@@ -15,6 +15,10 @@ allocator's statistics stay the measurement either way.
 
 Statistics go through ``torch.accelerator`` so that other accelerators with the
 same memory API (ROCm appears as ``cuda``) need no other code.
+
+A device limit goes through the allocator's per-process memory fraction, the
+one CUDA-only call here: it caps what the allocator reserves, for the whole
+process; the CUDA context and libraries' own memory stay outside it.
 """
 
 from __future__ import annotations
@@ -149,6 +153,11 @@ class CudaMeter:
             self.tracker.__exit__(None, None, None)
             self.tracker.forget()
             self.tracker = None
+
+    def in_use(self) -> dict[str, int]:
+        """Bytes allocated now on each device (what a device limit's cap is checked against, with the cache)."""
+        memory = torch.accelerator.memory
+        return {name: memory.memory_allocated(index) for index, name in zip(self.devices, self.names, strict=True)}
 
     def leftover(self) -> dict[str, int]:
         """Bytes per device still allocated above what was resident before the last measured test began,

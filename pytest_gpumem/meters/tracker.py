@@ -19,6 +19,14 @@ the same tensors, made where they can be counted.
 
 The per-operator path is kept minimal, since it runs for every operator: one
 dict lookup decides whether an operator can allocate at all.
+
+A device limit (a smaller GPU simulated on the CPU) is enforced here: an
+allocation that would take a device's live bytes, with what earlier tests
+left alive there (:func:`resident`), over the limit raises
+:class:`DeviceLimitError`, and its output is dropped as if never made. It is
+checked only when the count reaches a new peak, so it costs nothing below it.
+A tracker that ends keeps counting the storages still alive: that is what its
+test left behind (``TrackerMeter.leftover``).
 """
 
 from __future__ import annotations
@@ -67,6 +75,61 @@ def block_size(nbytes: int) -> int:
     return 0 if nbytes == 0 else max(512, (nbytes + 511) // 512 * 512)
 
 
+class DeviceLimitError(torch.OutOfMemoryError):
+    """An allocation that would take a device over the tracker's limit (a smaller GPU simulated).
+
+    A subclass of ``torch.OutOfMemoryError``, which ``torch.cuda.OutOfMemoryError``
+    is: code that catches CUDA's error (an OOM retry loop, say) catches this one
+    the same way. It carries the numbers: ``requested`` bytes on ``device``,
+    ``allocated`` bytes per device (what the meter counts of this test and what
+    earlier tests left alive), the ``limit``, and the moment (``seq``) and place
+    (``where``: phase, stage, module) of the failure.
+    """
+
+    def __init__(
+        self, device: str, requested: int, allocated: dict[str, int], limit: int, seq: int, where: tuple[Any, ...]
+    ) -> None:
+        from ..units import format_bytes
+
+        used = allocated.get(device, 0)
+        super().__init__(
+            f"Out of memory under the device limit of {format_bytes(limit)} on {device} (pytest-gpumem). "
+            f"Tried to allocate {format_bytes(requested)}; {format_bytes(used)} is allocated, "
+            f"{format_bytes(max(0, limit - used))} is free."
+        )
+        self.device, self.requested, self.allocated, self.limit = device, requested, allocated, limit
+        self.seq, self.where = seq, where
+
+    def __reduce__(self) -> Any:
+        fields = (self.device, self.requested, self.allocated, self.limit, self.seq, self.where)
+        return (type(self), fields)
+
+
+class _Refused(Exception):
+    """Raised inside the tracker to abandon an operator whose output went over the limit (see __torch_dispatch__)."""
+
+    def __init__(self, error: DeviceLimitError) -> None:
+        super().__init__()
+        self.error = error
+
+
+_ENDED: list[StorageTracker] = []
+"""Trackers of the cpu backend that stopped with storages still alive: what earlier tests left behind."""
+
+
+def resident(exclude: StorageTracker | None = None) -> dict[str, int]:
+    """Bytes per device still alive of what ended trackers counted: on the cpu backend, the counterpart of
+    what the CUDA allocator holds from earlier tests, so that a device limit counts it too."""
+    totals: dict[str, int] = {}
+    alive = [tracker for tracker in _ENDED if tracker._live]
+    _ENDED[:] = alive
+    for tracker in alive:
+        if tracker is not exclude:
+            for device, nbytes in tracker.current.items():
+                totals[device] = totals.get(device, 0) + nbytes
+    return totals
+
+
 class StorageTracker(TorchDispatchMode):
     """Counts live bytes per device of the storages created while it is active, with their peak.
 
@@ -88,8 +151,10 @@ class StorageTracker(TorchDispatchMode):
         # shim: a second Python frame per operator and an import of torch._dynamo.
         return False
 
-    def __init__(self, attribute: bool = False, allocator_blocks: bool = False) -> None:
+    def __init__(self, attribute: bool = False, allocator_blocks: bool = False, meta_device: str | None = None) -> None:
         super().__init__()
+        # The estimate backend's fake GPU: count meta storages as this device, and nothing else.
+        self.meta_device = meta_device
         self._live: dict[int, tuple[weakref.ref, list[Any]]] = {}
         self.current: dict[str, int] = {}
         self.peak: dict[str, int] = {}
@@ -104,6 +169,11 @@ class StorageTracker(TorchDispatchMode):
         self.stage_override = ""
         self.module_stack: list[int] = []
         self.layer_depth = 0
+        # A device limit (None: none): an allocation that takes a device's live bytes, with what earlier
+        # tests left there (``base``), over it raises DeviceLimitError. Checked only at a new peak.
+        self.limit: int | None = None
+        self.base: dict[str, int] = {}
+        self.last_oom: tuple[int, tuple[str, str, Any]] | None = None  # (seq, where) of the last OOM seen
 
     def __enter__(self) -> StorageTracker:
         # A dispatch mode sees its own thread only: have transformers load on it (see the module docstring).
@@ -120,19 +190,51 @@ class StorageTracker(TorchDispatchMode):
             os.environ[_ASYNC_LOAD] = self._async_load
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
+        try:
+            out = func(*args, **(kwargs or {}))
+        except torch.OutOfMemoryError:
+            self.last_oom = (self.seq, self.location())  # the moment of a CUDA OOM, for its attribution
+            raise
         fresh = _FRESH.get(func)
         if fresh is None:
             fresh = _FRESH[func] = _fresh_returns(func)
         if fresh:
-            if isinstance(out, torch.Tensor):
-                self._count(out)
-            elif fresh[0] == WHOLE:
-                self._count_each(out)
+            try:
+                if isinstance(out, torch.Tensor):
+                    self._count(out)
+                elif fresh[0] == WHOLE:
+                    self._count_each(out)
+                else:
+                    for i in fresh:
+                        self._count_each(out[i])
+            except _Refused as refused:
+                error = refused.error
             else:
-                for i in fresh:
-                    self._count_each(out[i])
+                return out
+            # Out of the except block, so that nothing (the internal exception's traceback) keeps the refused
+            # output alive: it dies here, as if it had never been allocated.
+            del out
+            raise error
         return out
+
+    def location(self) -> tuple[str, str, Any]:
+        """Where the test is now: (phase, stage, module), the module as an id or an autograd node's name."""
+        node = _current_node()
+        stage = "backward" if node is not None else self.stage_override or ("forward" if self.module_stack else "")
+        module = node.name() if node is not None else (self.module_stack[-1] if self.module_stack else None)
+        return (self.phase, stage, module)
+
+    def _refuse(self, device: str, nbytes: int) -> None:
+        """Raise _Refused if ``nbytes`` more on ``device`` go over the limit, counting what earlier tests left
+        alive as it is now (it may have been freed since the tracker began)."""
+        assert self.limit is not None
+        self.base = resident(exclude=self)
+        if self.current.get(device, 0) + self.base.get(device, 0) + nbytes <= self.limit:
+            return
+        devices = set(self.current) | set(self.base)
+        allocated = {d: self.current.get(d, 0) + self.base.get(d, 0) for d in sorted(devices)}
+        self.last_oom = (self.seq, self.location())
+        raise _Refused(DeviceLimitError(device, nbytes, allocated, self.limit, self.seq, self.last_oom[1]))
 
     def _count_each(self, value: Any) -> None:
         if isinstance(value, torch.Tensor):
@@ -152,17 +254,24 @@ class StorageTracker(TorchDispatchMode):
             return
         device = str(storage.device)
         if device == "meta":
+            if self.meta_device is None:
+                return
+            device = self.meta_device
+        elif self.meta_device is not None:
             return
         nbytes = storage.nbytes()
         if self.allocator_blocks and device != "cpu":
             nbytes = block_size(nbytes)
+        now = self.current.get(device, 0) + nbytes
+        if now > self.peak.get(device, 0):
+            # Below the peak, every level was already checked against the limit: only a new peak can pass it.
+            if self.limit is not None and now + self.base.get(device, 0) > self.limit:
+                self._refuse(device, nbytes)
+            self.peak[device] = now
         self.seq += 1
         record = [nbytes, device, self.seq, ALIVE, ACTIVATIONS, self.layer_depth > 0]
         self._live[key] = (weakref.ref(storage, partial(self._release, key)), record)
-        now = self.current.get(device, 0) + nbytes
         self.current[device] = now
-        if now > self.peak.get(device, 0):
-            self.peak[device] = now
         if self.attribute:
             self.records.append(record)
             if self.window is not None:
@@ -238,17 +347,28 @@ class TrackerMeter:
     def __init__(self, attribute: bool = True) -> None:
         self._tracker: StorageTracker | None = None
         self._attribute = attribute
+        self._limit: int | None = None
+        self._last: StorageTracker | None = None  # the last test's tracker, still counting what it left alive
 
     @property
     def tracker(self) -> StorageTracker | None:
         """The running tracker, for attribution (None outside begin/end or without attribution)."""
         return self._tracker if self._attribute else None
 
+    def set_limit(self, limit: int | None) -> None:
+        """Cap every device at ``limit`` bytes from the next ``begin`` (and now, if measuring): live storages,
+        with what earlier tests left alive, may not go over it. None lifts the cap."""
+        self._limit = limit
+        if self._tracker is not None:
+            self._tracker.limit = limit
+            self._tracker.base = resident() if limit is not None else {}
+
     def begin(self) -> Peaks:
         release_failures()
         self._tracker = StorageTracker(attribute=self._attribute)
         self._tracker.current["cpu"] = 0
         self._tracker.peak["cpu"] = 0
+        self.set_limit(self._limit)
         self._tracker.__enter__()
         return {}
 
@@ -260,6 +380,26 @@ class TrackerMeter:
 
     def end(self) -> None:
         if self._tracker is not None:
-            self._tracker.__exit__(None, None, None)
-            self._tracker.forget()
+            tracker = self._tracker
+            tracker.__exit__(None, None, None)
+            # The attribution's records go; the storages still alive stay counted, so that what the test
+            # leaves behind is known (leftover) and counts against later tests' device limits (resident).
+            tracker.records = []
+            if tracker._live:
+                _ENDED.append(tracker)
+            self._last = tracker
             self._tracker = None
+
+    def in_use(self) -> dict[str, int]:
+        """Bytes per device alive now of what every tracker counted, as a device limit counts them."""
+        totals = resident()
+        if self._tracker is not None:
+            for device, nbytes in self._tracker.current.items():
+                totals[device] = totals.get(device, 0) + nbytes
+        return totals
+
+    def leftover(self) -> dict[str, int]:
+        """Bytes per device still alive of what the last measured test made, after a full collection (and
+        dropping what pytest keeps of a failure): call it after the test's teardown."""
+        release_failures()
+        return {device: n for device, n in (self._last.current if self._last else {}).items() if n > 0}

@@ -14,9 +14,12 @@ from .table import (
     attribution_rows,
     cells,
     counts_line,
+    current_attribution,
     delta_cell,
+    fit_text,
     lever_text,
     notes,
+    oom_lines,
     ordered,
     plural,
     recommendation,
@@ -91,13 +94,19 @@ def _dependencies(results: list[TestResult], warn_only: bool) -> list[str]:
 
 
 def _explanation(result: TestResult) -> list[str]:
-    """A collapsible block: where the test's peak went beside its baseline's, findings, levers."""
-    attribution = result.sample.attribution
+    """A collapsible block: where the test's peak went beside its baseline's (or how it ran out of memory,
+    and what was alive then), findings, levers, and the searches for what fits."""
+    attribution = current_attribution(result)
+    oom = result.verdict.oom
+    moment = "out of memory" if oom is not None else "peak"
     # Markdown is not rendered inside an HTML block, so the summary is HTML throughout.
     summary = f"<code>{html.escape(result.nodeid)}</code>" + (
-        f": peak at {html.escape(where(attribution))}" if attribution else ""
+        f": {moment} at {html.escape(where(attribution))}" if attribution else ""
     )
     lines = [f"<details><summary>{summary}</summary>", ""]
+    if oom is not None:
+        lines += [f"- {label}: {_cell(text)}" for label, text in oom_lines(oom)]
+        lines.append("")
     rows = attribution_rows(result)
     if rows:
         lines += ["| consumer | baseline | now | delta |", "| --- | ---: | ---: | ---: |"]
@@ -112,6 +121,9 @@ def _explanation(result: TestResult) -> list[str]:
             lines.append(f"- {lever_text(lever)}{basis}{mark}")
         if recommendation(advice):
             lines.append(f"- **{recommendation(advice)}**")
+        lines.append("")
+    if result.fits:
+        lines += [f"- {'fit' if fit.purpose else 'retry'}: {_cell(fit_text(fit))}" for fit in result.fits]
         lines.append("")
     lines.append("</details>")
     return lines
@@ -135,7 +147,7 @@ def render(results: list[TestResult], environment: dict[str, Any], warn_only: bo
         if bullets:
             lines += [""] + [f"- {bullet}" for bullet in bullets]
         for result in ordered(results):
-            if result.advice is not None or (result.verdict.failed and result.sample.attribution is not None):
+            if result.advice is not None or (result.verdict.failed and current_attribution(result) is not None):
                 lines += ["", *_explanation(result)]
         lines += ["", UNITS_NOTE]
     return "\n".join(lines) + "\n"

@@ -9,7 +9,19 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable
 
-from ..sample import CONSUMERS, FAILING, Advice, Attribution, Breakdown, Lever, TestResult, Verdict
+from ..sample import (
+    CONSUMERS,
+    FAILING,
+    Advice,
+    Attribution,
+    Breakdown,
+    Fit,
+    Leak,
+    Lever,
+    OutOfMemory,
+    TestResult,
+    Verdict,
+)
 from ..units import format_bytes, format_delta, format_percent
 
 COLUMNS = ("test", "metric", "peak", "baseline", "delta", "budget", "verdict", "largest consumer")
@@ -111,10 +123,18 @@ def where(attribution: Attribution) -> str:
     return f"{text} on {attribution.device}" if attribution.device else text
 
 
+def current_attribution(result: TestResult) -> Attribution | None:
+    """The attribution to explain a result with: at the failed allocation for a test that ran out of memory
+    (where it had one), else at its peak."""
+    oom = result.verdict.oom
+    return oom.attribution if oom is not None and oom.attribution is not None else result.sample.attribution
+
+
 def attribution_rows(result: TestResult) -> list[list[str]]:
     """Rows of ``consumer, baseline, now, delta``: the four consumers, then the allocator's cache and the
-    memory outside it where measured. The baseline column is ``-`` where the baseline has no attribution."""
-    now = result.sample.attribution
+    memory outside it where measured. The baseline column is ``-`` where the baseline has no attribution.
+    For a test that ran out of memory, ``now`` is what was alive when the allocation failed."""
+    now = current_attribution(result)
     if now is None:
         return []
     before = result.baseline.attribution if result.baseline else None
@@ -185,6 +205,65 @@ def top_lever(advice: Advice | None) -> Lever | None:
     return next((lever for lever in advice.levers if lever.saving > 0), None)
 
 
+# -- out of memory, retries and leaks
+
+
+def oom_lines(oom: OutOfMemory) -> list[tuple[str, str]]:
+    """The labelled lines that say how a test ran out of memory: the request, each device's bytes at that
+    moment with the limit, what the request was short of, and what the whole step needs beyond the limit."""
+    request = "unknown" if oom.requested is None else f"{format_bytes(oom.requested)} ({oom.requested} B)"
+    lines = [("request", f"{request} on {oom.device or 'an unknown device'}")]
+    for device in sorted(set(oom.allocated) | set(oom.reserved)):
+        text = f"{device}: {format_bytes(oom.allocated.get(device))} allocated"
+        if device in oom.reserved and oom.reserved[device] != oom.allocated.get(device):
+            text += f", {format_bytes(oom.reserved[device])} reserved"
+        if device == oom.device:
+            if oom.limit is not None:
+                text += f"; limit {format_bytes(oom.limit)}"
+            if oom.free is not None:
+                text += f"; {format_bytes(oom.free)} free"
+        lines.append(("device", text))
+    under = f"under the limit of {format_bytes(oom.limit)}" if oom.limit is not None else "on the device"
+    if oom.needed is not None:
+        lines.append(("short", f"the request needed {format_bytes(oom.needed)} more than was free {under}"))
+    if oom.overshoot is not None:
+        text = f"the whole step needs {format_bytes(oom.overshoot)} more than the limit (run again without it)"
+        lines.append(("over", text))
+    return lines
+
+
+def _tried(fit: Fit) -> str:
+    return ", ".join(f"{value} {'fits' if peak is not None else 'oom'}" for value, peak in fit.tried)
+
+
+def fit_text(fit: Fit) -> str:
+    """A search for the largest value that fits, in one line, saying what it changed."""
+    under = f" under {format_bytes(fit.limit)}" if fit.limit is not None else ""
+    if fit.note:
+        return f"{fit.knob}: no search: {fit.note}"
+    if fit.value is None:
+        found = f"no {fit.knob} from {fit.start} down to {fit.floor} fits{under}"
+    elif fit.purpose:
+        found = f"the largest {fit.knob} that fits{under} is {fit.value} (peak {format_bytes(fit.peak)})"
+    else:
+        found = (
+            f"{fit.knob} {fit.start} ran out of memory{under}; the largest {fit.knob} that fits is "
+            f"{fit.value} (peak {format_bytes(fit.peak)}), found by re-running the step"
+        )
+    tried = f"; tried {_tried(fit)}" if fit.tried else ""
+    changed = "" if fit.purpose else f"; the test ran with {fit.knob} {fit.start} and fails"
+    return found + tried + changed
+
+
+def leak_text(leak: Leak) -> str:
+    """``left 2.00 MiB alive after its teardown (cpu 2.00 MiB); its limit is 1.00 MiB``."""
+    devices = ", ".join(f"{device} {format_bytes(n)}" for device, n in leak.devices.items())
+    where = f" ({devices})" if devices else ""
+    allowed = format_bytes(leak.allowed)
+    limit = f"its limit is {allowed}" if leak.enforced else f"flagged above {allowed}"
+    return f"left {format_bytes(leak.bytes)} alive after its teardown{where}; {limit}"
+
+
 def ordered(results: Iterable[TestResult]) -> list[TestResult]:
     """``results`` sorted with :data:`ORDER`: failures first."""
     return sorted(results, key=ORDER)
@@ -222,6 +301,12 @@ def notes(results: list[TestResult], warn_only: bool = False, updating: bool = F
 
     if not updating and any(r.verdict.status in ("improved", "new") for r in results):
         lines.append(f"improved or new results: review them and record baselines with {UPDATE_OPTION}")
+
+    for result in ordered(results):
+        if result.leak is not None and result.leak.flagged:
+            lines.append(f"leak: {result.nodeid} {leak_text(result.leak)}")
+        for fit in result.fits:
+            lines.append(f"{'fit' if fit.purpose else 'retry'}: {result.nodeid}: {fit_text(fit)}")
 
     failed = sum(r.verdict.status in FAILING for r in results)
     if warn_only and failed:

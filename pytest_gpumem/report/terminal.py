@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..sample import TestResult
+from ..sample import Leak, TestResult
 from ..units import format_bytes, format_delta
 from .table import (
     COLUMNS,
@@ -13,17 +13,21 @@ from .table import (
     attribution_rows,
     cells,
     counts_line,
+    current_attribution,
     delta_cell,
+    fit_text,
     grown_consumer,
+    leak_text,
     lever_text,
     notes,
+    oom_lines,
     ordered,
     recommendation,
     top_lever,
     where,
 )
 
-__all__ = ["ORDER", "failure_message", "summary_lines"]
+__all__ = ["ORDER", "failure_message", "leak_message", "summary_lines"]
 
 _HEADLINE = {"regression": "regression over baseline", "over_budget": "over budget", "oom": "out of memory"}
 
@@ -47,6 +51,9 @@ def failure_message(result: TestResult) -> str:
     def add(label: str, text: str) -> None:
         lines.append(f"  {label:<8}  {text}")
 
+    if v.oom is not None:
+        for label, text in oom_lines(v.oom):
+            add(label, text)
     add("peak", _exact(v.value))
 
     if v.baseline is None:
@@ -81,7 +88,7 @@ def failure_message(result: TestResult) -> str:
     if measured:
         add("phases", ", ".join(measured))
 
-    attribution = sample.attribution
+    attribution = current_attribution(result)
     if attribution is not None:
         add("at", where(attribution))
     grown = grown_consumer(result)
@@ -95,6 +102,8 @@ def failure_message(result: TestResult) -> str:
         add("lever", lever_text(lever))
     if advice is not None and recommendation(advice):
         add("advice", recommendation(advice))
+    for fit in result.fits:
+        add("fit" if fit.purpose else "retry", fit_text(fit))
 
     if v.software_changes:
         add("software", "changed since the baseline: " + "; ".join(v.software_changes))
@@ -104,6 +113,11 @@ def failure_message(result: TestResult) -> str:
     if v.status == "improved":
         add("hint", f"shrank beyond tolerance: re-record with {UPDATE_OPTION}")
     return "\n".join(lines)
+
+
+def leak_message(leak: Leak) -> str:
+    """The line for a test that left memory alive: a warning, or a teardown error over a set limit."""
+    return f"gpumem: leak: the test {leak_text(leak)}"
 
 
 def _aligned(header: list[str], rows: list[list[str]], numeric: list[bool], indent: str = "") -> list[str]:
@@ -118,12 +132,14 @@ def _aligned(header: list[str], rows: list[list[str]], numeric: list[bool], inde
 
 
 def explanation_lines(result: TestResult) -> list[str]:
-    """A test's full explanation: where its peak went (beside the baseline's), findings and every lever."""
-    attribution = result.sample.attribution
+    """A test's full explanation: where its peak went (beside the baseline's), or what was alive when it ran
+    out of memory, findings and every lever."""
+    attribution = current_attribution(result)
     advice = result.advice
     lines = [f"{result.nodeid}:"]
     if attribution is not None:
-        lines.append(f"  peak at {where(attribution)}")
+        moment = "out of memory" if result.verdict.oom is not None else "peak"
+        lines.append(f"  {moment} at {where(attribution)}")
         rows = attribution_rows(result)
         lines += _aligned(["consumer", "baseline", "now", "delta"], rows, [False, True, True, True], indent="  ")
     if advice is not None:
@@ -146,7 +162,7 @@ def summary_lines(results: list[TestResult], warn_only: bool = False, updating: 
         return ["no tests measured"]
     lines = _aligned(list(COLUMNS), [cells(r, warn_only) for r in ordered(results)], [c in NUMERIC for c in COLUMNS])
     for result in ordered(results):
-        if result.advice is not None or (result.verdict.failed and result.sample.attribution is not None):
+        if result.advice is not None or (result.verdict.failed and current_attribution(result) is not None):
             lines += explanation_lines(result)
     lines += notes(results, warn_only, updating)
     lines.append(UNITS_NOTE)

@@ -1,0 +1,486 @@
+"""Predict a QLoRA training step's GPU memory without a GPU: the recipe behind ``gpumem estimate``.
+
+The usual QLoRA recipe runs for real, on fake tensors (the ``estimate``
+backend's meta device standing in for one CUDA GPU, see
+:mod:`pytest_gpumem.meters.estimate`): the model built from its config,
+its decoder's linear layers replaced by bitsandbytes 4-bit (or 8-bit) layers
+and quantized as ``from_pretrained`` quantizes them, then
+``prepare_model_for_kbit_training``, peft LoRA (alpha = 2r), AdamW on the
+trainable parameters, train mode, a warm-up step and the step that is
+measured. No weight is materialised: an 8B model costs its config.
+
+The step's peak is the tracker's (storages in the allocator's blocks) plus
+the cuBLAS workspaces; reserved and device bytes come from the allocator and
+context model of :mod:`pytest_gpumem.gpus`. Where the fake run fails (an
+operator without a meta implementation, a model class that needs real data),
+the estimate falls back to the advisor's analytic layer model and says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from . import models
+from .gpus import Gpu, device_bytes, reserved_bytes
+from .sample import Attribution, Breakdown, Lever
+from .units import BadValue
+
+QUANTS = ("nf4", "fp4", "int8", "bf16", "fp16", "fp32")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One training setup to predict: the model (a preset or a config file), quantization, LoRA, the batch."""
+
+    arch: str = "llama"
+    size: str | None = "8b"
+    config: Path | None = None  # a local config.json (or a directory holding one) instead of a preset
+    quant: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+    lora_r: int = 16
+    lora_targets: str | tuple[str, ...] = "all-linear"
+    batch: int = 1
+    seq: int = 2048
+    gradient_checkpointing: bool = False
+    optimizer: str = "adamw"
+    autocast: str | None = None
+    accumulation: int = 1
+
+    def describe(self) -> str:
+        model = str(self.config) if self.config else f"{self.arch} {self.size}"
+        targets = self.lora_targets if isinstance(self.lora_targets, str) else ",".join(self.lora_targets)
+        return (
+            f"{model}, {self.quant}{' + double quant' if self.double_quant and self.quant in ('nf4', 'fp4') else ''}, "
+            f"LoRA r{self.lora_r} {targets}, batch {self.batch} x seq {self.seq}, "
+            f"{'' if self.gradient_checkpointing else 'no '}gradient checkpointing, {self.optimizer}"
+            + (f", autocast {self.autocast}" if self.autocast else "")
+        )
+
+
+@dataclass
+class Estimate:
+    """A predicted training step: bytes on the target GPU and where they go.
+
+    ``peak``: the allocator's allocated peak over the measured step (everything resident included, and the
+    cuBLAS workspaces); ``reserved`` and ``device``: the modelled reservation and NVML use at that peak;
+    ``resident``: allocated before the step (the prepared model, and from the warm-up step the optimizer
+    state). ``method`` is ``fake`` (the recipe ran on fake tensors) or ``analytic`` (the layer model, with
+    ``reason`` saying why the fake run was not possible).
+    """
+
+    recipe: Recipe
+    gpu: Gpu
+    peak: int
+    reserved: int
+    device: int
+    resident: int
+    attribution: Attribution | None
+    method: str = "fake"
+    reason: str = ""
+    seconds: float = 0.0
+    levers: list[Lever] = field(default_factory=list)
+    recommended: list[str] = field(default_factory=list)
+    findings: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        """Whether the device use (the context included) stays within the GPU's memory."""
+        return self.device <= self.gpu.memory
+
+    @property
+    def needed(self) -> int:
+        """Bytes to give back for the step to fit (0 where it fits)."""
+        return max(0, self.device - self.gpu.memory)
+
+    def to_dict(self) -> dict[str, Any]:
+        recipe = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.recipe.__dict__.items()}
+        return {
+            "recipe": recipe,
+            "gpu": {"name": self.gpu.name, "memory_bytes": self.gpu.memory},
+            "method": self.method,
+            "reason": self.reason,
+            "peak_bytes": self.peak,
+            "reserved_bytes": self.reserved,
+            "device_bytes": self.device,
+            "resident_bytes": self.resident,
+            "attribution": self.attribution.to_dict() if self.attribution else None,
+            "fits": self.fits,
+            "needed_bytes": self.needed,
+            "findings": self.findings,
+            "levers": [lever.to_dict() for lever in self.levers],
+            "recommended": self.recommended,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+# -- the model, on fake tensors
+
+
+def model_config(recipe: Recipe) -> Any:
+    """The transformers config of the recipe's model: a preset's, or a local config file's."""
+    from transformers import AutoConfig
+
+    if recipe.config is not None:
+        path = Path(recipe.config)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise BadValue(f"--arch: {str(recipe.config)!r} is neither a preset architecture nor a config file")
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError, KeyError) as exc:
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BadValue(f"--arch {path}: not a transformers config ({text})") from None
+    else:
+        try:
+            shape = models.preset(recipe.arch, recipe.size or "")
+        except ValueError as exc:
+            raise BadValue(str(exc).replace("quantized_model: ", "--arch/--size: ")) from None
+        config = AutoConfig.for_model(recipe.arch, **shape.config)
+    config.use_cache = False
+    return config
+
+
+def _skip(name: str, config: Any) -> bool:
+    """Modules transformers leaves unquantized: the output embeddings (and anything tied to the input ones)."""
+    return name.split(".")[-1] in ("lm_head", "embed_out", "output") or name in (
+        getattr(config, "quantization_skip", None) or ()
+    )
+
+
+def quantize(model: Any, quant: str, double_quant: bool, compute_dtype: str) -> int:
+    """Replace ``model``'s linear layers (all but the output head) by bitsandbytes layers with quantized weights,
+    as ``from_pretrained`` with a ``BitsAndBytesConfig`` does; returns how many were replaced."""
+    import bitsandbytes as bnb
+    import torch
+
+    dtype = getattr(torch, compute_dtype)
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if type(child) is not torch.nn.Linear or _skip(full, model.config):
+                continue
+            shape = (child.out_features, child.in_features)
+            bias = child.bias is not None
+            layer: Any
+            weight: Any
+            if quant in ("nf4", "fp4"):
+                layer = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=bias,
+                    compute_dtype=dtype,
+                    compress_statistics=double_quant,
+                    quant_type=quant,
+                    device="meta",
+                )
+                weight = bnb.nn.Params4bit(
+                    torch.empty(shape, dtype=torch.float16 if dtype == torch.float32 else dtype, device="meta"),
+                    requires_grad=False,
+                    quant_type=quant,
+                    compress_statistics=double_quant,
+                    module=layer,
+                )
+                layer.weight = weight._quantize(torch.device("meta"))
+            else:
+                layer = bnb.nn.Linear8bitLt(
+                    child.in_features,
+                    child.out_features,
+                    bias=bias,
+                    has_fp16_weights=False,
+                    threshold=6.0,
+                    device="meta",
+                )
+                weight = bnb.nn.Int8Params(
+                    torch.empty(shape, dtype=torch.float16, device="meta"), requires_grad=False, has_fp16_weights=False
+                )
+                layer.weight = weight._quantize(torch.device("meta"))
+            if bias:
+                layer.bias = torch.nn.Parameter(child.bias.to(dtype), requires_grad=False)
+            setattr(module, child_name, layer)
+            replaced += 1
+    from .meters.estimate import forget_meta_caches
+
+    forget_meta_caches()
+    flag = "is_loaded_in_4bit" if quant in ("nf4", "fp4") else "is_loaded_in_8bit"
+    with contextlib.suppress(AttributeError):  # a read-only property in some transformers versions
+        setattr(model, flag, True)
+    model.config.use_cache = False
+    return replaced
+
+
+def fake_model(config: Any, quant: str, double_quant: bool = True, compute_dtype: str = "bfloat16") -> Any:
+    """A causal LM of ``config`` on the meta device, loaded as ``models.load`` would load it: ``quant`` one of
+    :data:`QUANTS` (bf16/fp16/fp32: unquantized in that dtype; else in ``compute_dtype`` and quantized)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(quant, compute_dtype)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    if quant in ("nf4", "fp4", "int8"):
+        quantize(model, quant, double_quant, compute_dtype)
+    model.config.use_cache = False
+    return model
+
+
+# -- running the recipe
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The libraries warn about things that are true of every fake run (no CUDA, meta tensors)."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("transformers", "peft", "bitsandbytes")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _check(recipe: Recipe) -> None:
+    for name in ("lora_r", "batch", "seq", "accumulation"):
+        value = getattr(recipe, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise BadValue(f"--{name.replace('_', '-')}: must be a positive integer, got {value!r}")
+    if recipe.quant not in QUANTS:
+        raise BadValue(f"--quant: unknown quantization {recipe.quant!r}; choose one of {', '.join(QUANTS)}")
+    if recipe.optimizer not in OPTIMIZERS:
+        raise BadValue(f"--optimizer: unknown optimizer {recipe.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def _build(recipe: Recipe) -> Any:
+    config = model_config(recipe)
+    model = fake_model(config, recipe.quant, recipe.double_quant, recipe.compute_dtype)
+    targets = recipe.lora_targets if isinstance(recipe.lora_targets, str) else list(recipe.lora_targets)
+    return models.add_lora(model, r=recipe.lora_r, target_modules=targets, gradient_checkpointing=False)
+
+
+def run_step(recipe: Recipe, gpu: Gpu, attribute: bool = True) -> tuple[int, int, Attribution | None, Any]:
+    """Build and train the recipe on the fake GPU: (allocated peak of the measured step, allocated before it,
+    its attribution, the setup the advisor reads). Raises whatever the fake run raises.
+
+    One optimizer runs a warm-up step and then the measured step, so that its state is resident when the
+    measured step begins, as in a training loop.
+    """
+    from . import introspect, training
+    from .measurement import Measurement
+    from .meters.estimate import DEVICE, EstimateMeter
+
+    meter = EstimateMeter(gpu, attribute=attribute)
+    measurement = Measurement(meter)
+    resident = 0
+
+    @contextlib.contextmanager
+    def phase(name: str) -> Iterator[None]:
+        nonlocal resident
+        if name != "step2":
+            with measurement.phase("warmup"):
+                yield
+            return
+        tracker = meter._tracker
+        resident = tracker.current.get(DEVICE, 0) if tracker is not None else 0
+        with measurement.phase("call"):
+            yield
+
+    knobs = knobs_of(recipe)
+    try:
+        with _quiet():
+            measurement.enter("setup")
+            with measurement.stage("load"):
+                model = _build(recipe)
+            measurement.register_model(model)
+            measurement.exit("setup")
+            training.train_steps(model, **knobs, steps=2, phase=phase)
+        sample = measurement.finish()
+        setup = introspect.inspect_setup([model], [], knobs, measurement.probe)
+    finally:
+        if not measurement.finished:
+            measurement.finish()
+    # The fake GPU starts empty, so the call phase's peak is the absolute peak of the measured step.
+    return sample.value("allocated", "call") or 0, resident, sample.attribution, setup
+
+
+def knobs_of(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's step as ``training.train_steps`` knobs."""
+    return {
+        "batch": recipe.batch,
+        "seq": recipe.seq,
+        "accumulation": recipe.accumulation,
+        "gradient_checkpointing": recipe.gradient_checkpointing,
+        "autocast": recipe.autocast,
+        "optimizer": recipe.optimizer,
+    }
+
+
+def estimate(recipe: Recipe, gpu: Gpu, advise: bool = True) -> Estimate:
+    """Predict ``recipe`` on ``gpu``: run it on fake tensors (or, where that fails, the analytic model), then
+    ask the advisor which levers would make it fit, each re-estimated with the lever applied."""
+    _check(recipe)
+    started = time.perf_counter()
+    method, reason = "fake", ""
+    try:
+        peak, resident, attribution, setup = run_step(recipe, gpu)
+    except BadValue:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of the fake run falls back to the labelled model
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        reason = f"the fake run failed: {type(exc).__name__}: {text}"[:300]
+        method = "analytic"
+        peak, resident, attribution, setup = analytic(recipe)
+    peak += gpu.workspace
+    reserved = reserved_bytes(peak, fragmenting(recipe))
+    result = Estimate(recipe, gpu, peak, reserved, device_bytes(reserved, gpu), resident, attribution, method, reason)
+    if advise:
+        _advise(result, setup)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def fragmenting(recipe: Recipe) -> int:
+    """Bytes the allocator cannot reuse at the step's peak beyond its usual share: with gradient checkpointing,
+    about one float32 logits tensor (see :func:`pytest_gpumem.gpus.reserved_bytes`)."""
+    if not recipe.gradient_checkpointing:
+        return 0
+    try:
+        vocab = int(model_config(recipe).vocab_size)
+    except BadValue:
+        return 0
+    return recipe.batch * recipe.seq * vocab * 4
+
+
+def _advise(result: Estimate, setup: Any) -> None:
+    """The advisor's levers for the estimate, the knobs among them measured by re-estimating."""
+    from . import advisor, introspect
+
+    found = introspect.findings(setup) if setup is not None else []
+    recipe, gpu = result.recipe, result.gpu
+
+    def measure(overrides: dict[str, Any]) -> int:
+        changed = _apply(recipe, overrides)
+        if result.method == "analytic":
+            return analytic(changed)[0] + gpu.workspace
+        return run_step(changed, gpu, attribute=False)[0] + gpu.workspace
+
+    if setup is None:
+        return
+    advice = advisor.advise(result.attribution, setup, found, result.needed or None, knobs_of(recipe), measure)
+    for lever in advice.levers:
+        if lever.source == "measured":
+            lever.source = "estimated-run"
+            lever.basis = "measured by estimate: " + lever.basis
+    result.levers = advice.levers
+    result.recommended = advice.recommended
+    result.findings = advice.findings
+
+
+def _apply(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
+    """The recipe with the advisor's knob overrides applied (``steps`` is the recipe's own)."""
+    fields = {k: v for k, v in overrides.items() if k in knobs_of(recipe)}
+    return replace(recipe, **fields)
+
+
+# -- the analytic fallback
+
+
+def analytic(recipe: Recipe) -> tuple[int, int, Attribution | None, Any]:
+    """The advisor's layer model of the recipe, for models the fake run cannot take: weights from the
+    parameter counts, LoRA's gradients and AdamW state, and what each decoder layer keeps for backward."""
+    from .advisor import Precision, Shape, checkpoint_bytes, layer_bytes, lora_tensor_sizes, nf4_bytes
+    from .introspect import TrainingSetup
+
+    config = model_config(recipe)
+    hidden = int(config.hidden_size)
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    shape = Shape(
+        layers=int(config.num_hidden_layers),
+        hidden=hidden,
+        intermediate=int(getattr(config, "intermediate_size", 4 * hidden)),
+        heads=heads,
+        kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+        head_dim=head_dim,
+        vocab=int(config.vocab_size),
+    )
+    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    linear = shape.decoder_linear_params()
+    quantized = recipe.quant in ("nf4", "fp4", "int8")
+    embed = shape.vocab * hidden * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+    other = embed + shape.layers * 2 * hidden + hidden
+    lora = sum(lora_tensor_sizes(shape, recipe.lora_r, names))
+    if recipe.quant in ("nf4", "fp4"):
+        weights = nf4_bytes(linear, recipe.double_quant) + other * 4 + lora * 4
+    elif recipe.quant == "int8":
+        weights = linear + 4 * linear // hidden + other * 4 + lora * 4
+    else:
+        width = {"bf16": 2, "fp16": 2, "fp32": 4}[recipe.quant]
+        weights = (linear + other) * width + lora * 4
+    gradients = lora * 4
+    optimizer = lora * 8 if recipe.optimizer == "adamw" else lora * 2
+    hidden_bytes = 4 if quantized else {"bf16": 2, "fp16": 2, "fp32": 4}.get(recipe.quant, 2)
+    precision = Precision(
+        hidden=hidden_bytes,
+        weight=hidden_bytes,
+        adapter=4,
+        quantized=quantized,
+        lora_r=recipe.lora_r,
+        lora_targets=names,
+    )
+    per_layer = layer_bytes(shape, precision, "sdpa", "cuda")
+    tokens = recipe.batch * recipe.seq
+    if recipe.gradient_checkpointing:
+        layers = checkpoint_bytes(shape, tokens, hidden_bytes) + per_layer.total(tokens, recipe.seq)
+    else:
+        layers = shape.layers * per_layer.total(tokens, recipe.seq)
+    logits = 3 * tokens * shape.vocab * 4  # float32 logits, their log-softmax, and its gradient
+    activations = int(layers + logits)
+    peak = weights + gradients + optimizer + activations
+    attribution = Attribution(
+        peak=Breakdown(weights, gradients, optimizer, activations, int(layers)), device="cuda:0", stage="backward"
+    )
+    setup = TrainingSetup(
+        arch=getattr(config, "model_type", None),
+        num_layers=shape.layers,
+        hidden_size=hidden,
+        intermediate_size=shape.intermediate,
+        vocab_size=shape.vocab,
+        num_heads=heads,
+        num_kv_heads=shape.kv_heads,
+        head_dim=head_dim,
+        attention="sdpa",
+        training=True,
+        use_cache=False,
+        gradient_checkpointing=recipe.gradient_checkpointing,
+        checkpointing_effective=recipe.gradient_checkpointing,
+        quant=recipe.quant if quantized else None,
+        lora_r=recipe.lora_r,
+        lora_targets=list(names),
+        lora_modules=7 * shape.layers,
+        lora_params=lora,
+        total_params=linear + other + lora,
+        trainable_params=lora,
+        trainable_bytes=lora * 4,
+        optimizer="AdamW" if recipe.optimizer == "adamw" else "AdamW8bit",
+        batch=recipe.batch,
+        seq=recipe.seq,
+        hidden_dtype="float32" if hidden_bytes == 4 else "bfloat16",
+        weight_dtype="float32" if quantized else "bfloat16",
+    )
+    return int(peak), int(weights), attribution, setup

@@ -1,0 +1,250 @@
+"""The estimate backend and ``gpumem estimate``: predictions on fake tensors, checked against real CPU runs."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("bitsandbytes")
+
+import torch  # noqa: E402
+
+from pytest_gpumem import cli, estimate, gpus, meters, models, training  # noqa: E402
+from pytest_gpumem.measurement import Measurement  # noqa: E402
+from pytest_gpumem.meters.estimate import EstimateTracker, FakeCuda, attention_kernel  # noqa: E402
+from pytest_gpumem.meters.tracker import WEIGHTS, block_size  # noqa: E402
+from pytest_gpumem.units import BadValue  # noqa: E402
+
+H100 = gpus.GPUS["H100"]
+TINY = estimate.Recipe(size="tiny", batch=2, seq=64)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return models.make_checkpoint(tmp_path_factory.mktemp("models"), "llama", "tiny")
+
+
+def _weights(meter: Any, build: Any) -> collections.Counter[int]:
+    """The block sizes of the storages a model's building leaves as weights."""
+    measurement = Measurement(meter)
+    measurement.enter("call")
+    measurement.register_model(build())
+    records = meter.tracker.records
+    found = collections.Counter(block_size(r[0]) for r in records if r[4] == WEIGHTS and r[3] == float("inf"))
+    measurement.exit("call")
+    measurement.finish()
+    return found
+
+
+def test_fake_model_has_the_real_models_weights(tiny_checkpoint: Path) -> None:
+    real = _weights(
+        meters.create("cpu"),
+        lambda: models.add_lora(models.load(tiny_checkpoint, "nf4", True, "bfloat16", None), r=16),
+    )
+    with estimate._quiet():
+        fake = _weights(meters.create("estimate"), lambda: estimate._build(TINY))
+    assert fake == real and sum(fake.values()) > 0
+
+
+def _cpu_step(path: Path) -> Any:
+    measurement = Measurement(meters.create("cpu"))
+    measurement.enter("setup")
+    model = models.add_lora(models.load(path, "nf4", True, "bfloat16", None), r=16, gradient_checkpointing=False)
+    measurement.register_model(model)
+    measurement.exit("setup")
+
+    @contextlib.contextmanager
+    def phase(name: str) -> Iterator[None]:
+        with measurement.phase("call" if name == "step2" else "warmup"):
+            yield
+
+    training.train_steps(model, batch=TINY.batch, seq=TINY.seq, steps=2, phase=phase)
+    return measurement.finish().attribution
+
+
+def test_estimate_agrees_with_the_cpu_backends_measurement(tiny_checkpoint: Path) -> None:
+    """Gradients and optimizer state agree exactly (every tensor is a whole number of 512-byte blocks at
+    this size); activations within 15%, since the CPU runs other kernels (flash attention, bitsandbytes'
+    CPU matmul) than the estimate's CUDA choices."""
+    real = _cpu_step(tiny_checkpoint)
+    _, _, fake, _ = estimate.run_step(TINY, H100)
+    assert real is not None and fake is not None
+    assert fake.stage == real.stage == "backward"
+    for stage in ("optimizer", "backward"):
+        assert fake.stages[stage].gradients == real.stages[stage].gradients
+        assert fake.stages[stage].optimizer == real.stages[stage].optimizer
+    assert fake.stages["optimizer"].gradients > 0 and fake.peak.optimizer > 0
+    assert fake.peak.activations == pytest.approx(real.peak.activations, rel=0.15)
+
+
+def test_estimate_of_a_step_counts_every_consumer() -> None:
+    result = estimate.estimate(TINY, H100, advise=False)
+    assert result.method == "fake" and result.attribution is not None
+    breakdown = result.attribution.peak
+    assert result.peak == breakdown.total + H100.workspace
+    assert result.resident < result.peak < result.reserved < result.device
+    assert result.device == result.reserved + H100.context
+    assert result.fits
+
+
+@pytest.mark.parametrize(
+    "dtype, kv_heads, mask, capability, expected",
+    [
+        (torch.float32, 2, None, (9, 0), "math"),  # float32 queries with grouped heads: math (probabilities kept)
+        (torch.float32, 8, None, (9, 0), "efficient"),
+        (torch.bfloat16, 2, None, (9, 0), "cudnn"),  # measured: torch 2.11 on an H200
+        (torch.bfloat16, 2, None, (8, 0), "flash"),
+        (torch.bfloat16, 8, torch.ones(1), (8, 0), "efficient"),
+        (torch.bfloat16, 2, torch.ones(1), (8, 0), "math"),
+    ],
+)
+def test_attention_kernel_is_cudas_choice(
+    dtype: torch.dtype, kv_heads: int, mask: Any, capability: tuple[int, int], expected: str
+) -> None:
+    query = torch.empty(1, 8, 16, 64, dtype=dtype, device="meta")
+    key = torch.empty(1, kv_heads, 16, 64, dtype=dtype, device="meta")
+    gpu = gpus.Gpu("test", 2**34, capability)
+    assert attention_kernel(query, key, key, mask, True, gpu) == expected
+
+
+def test_math_attention_keeps_the_probabilities_and_counts_its_scratch() -> None:
+    """As measured on an H200: float32 SDPA with grouped heads keeps q-sized copies and the float32
+    probabilities, and the softmax holds a bool mask of the scores' size while it runs."""
+    tracker = EstimateTracker(H100)
+    with FakeCuda(H100), tracker:
+        q = torch.empty(1, 4, 128, 64, device="meta", requires_grad=True)
+        k = torch.empty(1, 2, 128, 64, device="meta", requires_grad=True)
+        before = tracker.current["cuda:0"]
+        tracker.restart_peak()
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=True)
+        kept = tracker.current["cuda:0"] - before
+        peak = tracker.restart_peak()["cuda:0"] - before
+    probabilities = 4 * 128 * 128 * 4
+    assert kept >= probabilities + out.numel() * 4
+    assert peak >= kept + 4 * 128 * 128  # the mask
+
+
+@pytest.mark.parametrize(
+    "text, name, memory",
+    [("H100", "H100", 80 * 2**30), ("a100-80gb", "A100-80GB", 80 * 2**30), ("RTX 4090", "RTX-4090", 24 * 2**30)],
+)
+def test_known_gpus(text: str, name: str, memory: int) -> None:
+    gpu = gpus.find_gpu(text, "--gpu")
+    assert (gpu.name, gpu.memory) == (name, memory)
+
+
+def test_a_size_is_a_gpu() -> None:
+    assert gpus.find_gpu("16GiB", "--gpu").memory == 16 * 2**30
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("V100", "--gpu: unknown GPU 'V100'; give one of H100"), ("512MiB", "less than 1 GiB")],
+)
+def test_bad_gpus(text: str, message: str) -> None:
+    with pytest.raises(BadValue, match=message):
+        gpus.find_gpu(text, "--gpu")
+
+
+def test_meta_caches_do_not_leak_into_real_quantization() -> None:
+    import bitsandbytes.functional as bnb_functional
+
+    estimate.fake_model(estimate.model_config(TINY), "nf4")
+    state = bnb_functional.quantize_4bit(torch.randn(64, 64, dtype=torch.bfloat16), compress_statistics=True)[1]
+    assert state.state2.code.device.type == "cpu"
+
+
+# -- the command
+
+
+def test_cli_table(capsys: pytest.CaptureFixture[str]) -> None:
+    status = cli.main(["estimate", "--arch", "llama", "--size", "tiny", "--batch", "2", "--seq", "64", "--gpu", "H100"])
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "peak allocated" in out and "activations" in out and "fits:" in out
+    assert "levers" in out and "estimated-run" in out
+
+
+def test_cli_json_and_exit_status_when_it_does_not_fit(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["estimate", "--size", "tiny", "--seq", "64", "--gpu", "1GiB", "--json"]
+    status = cli.main(args)
+    data = json.loads(capsys.readouterr().out)
+    assert status == 1
+    assert data["fits"] is False and data["needed_bytes"] > 0
+    assert {"peak_bytes", "reserved_bytes", "device_bytes", "attribution", "levers"} <= set(data)
+    assert data["peak_bytes"] < data["reserved_bytes"] < data["device_bytes"]
+    assert set(data["attribution"]["peak"]) >= {"weights", "gradients", "optimizer", "activations"}
+
+
+def test_cli_takes_a_config_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("qwen2", **models.preset("qwen2", "tiny").config).save_pretrained(tmp_path)
+    assert cli.main(["estimate", "--arch", str(tmp_path / "config.json"), "--seq", "64", "--no-levers", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == "fake"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--gpu", "V100"], "gpumem estimate: error: --gpu: unknown GPU 'V100'"),
+        (["--batch", "0"], "gpumem estimate: error: --batch: must be a positive integer, got 0"),
+        (["--arch", "gpt9"], "gpumem estimate: error: --arch: 'gpt9' is neither a preset"),
+        (["--size", "99b"], "gpumem estimate: error: --arch/--size: unknown size '99b' for llama"),
+        (["--quant", "nf3"], "gpumem estimate: error: --quant: unknown quantization 'nf3'"),
+    ],
+)
+def test_cli_bad_input(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["estimate", "--size", "tiny", "--seq", "64", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+
+
+# -- the backend through pytest
+
+SUITE = """
+def test_qlora(quantized_model, lora, train_step):
+    model = lora(quantized_model("llama", size="tiny", quant="nf4"), r=8, gradient_checkpointing=False)
+    train_step(model, batch=2, seq=64, steps=2)
+"""
+
+
+def test_backend_keeps_its_own_baselines(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_estimated=SUITE)  # a name no module of this suite has
+    args = ["--gpumem-backend=estimate", "--gpumem-estimate-gpu=H200", "-p", "no:cacheprovider"]
+    recorded = pytester.runpytest(*args, "--gpumem-update-baselines")
+    assert recorded.ret == 0, "\n".join(recorded.outlines[-60:])
+    stored = json.loads((pytester.path / "baselines" / "estimate-H200.json").read_text())
+    assert stored["hardware"] == "estimate:H200"
+    entry = stored["tests"]["test_estimated.py::test_qlora"]
+    assert entry["backend"] == "estimate"
+    assert entry["attribution"]["peak"]["weights"] > 0
+    result = pytester.runpytest(*args, "--gpumem-json=out.json")
+    result.assert_outcomes(passed=1)
+    test = json.loads((pytester.path / "out.json").read_text())["tests"][0]
+    assert test["hardware"] == "estimate:H200" and test["verdict"]["status"] == "ok"
+    assert set(test["sample"]["phases"]["call"]) == {"allocated", "reserved", "device"}
+
+
+def test_a_model_the_fake_run_cannot_take_gets_a_labelled_analytic_estimate(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake = estimate.estimate(TINY, H100, advise=False)
+
+    def unsupported(*args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError("aten::frobnicate has no meta implementation")
+
+    monkeypatch.setattr(estimate, "run_step", unsupported)
+    result = estimate.estimate(TINY, H100, advise=False)
+    assert result.method == "analytic"
+    assert result.reason == "the fake run failed: NotImplementedError: aten::frobnicate has no meta implementation"
+    assert result.peak == pytest.approx(fake.peak, rel=0.5)
+    assert cli.main(["estimate", "--size", "tiny", "--seq", "64", "--no-levers"]) == 0
+    assert "ANALYTIC ESTIMATE (layer model, not a fake run): the fake run failed" in capsys.readouterr().out
