@@ -129,16 +129,18 @@ def estimates(configs: list[dict[str, Any]], gpu_name: str) -> dict[str, Any]:
 
 
 def speed(gpu_name: str) -> dict[str, Any]:
-    """The 8B estimate (the CLI's default setup) in a child process: wall seconds and peak RSS."""
+    """The 8B estimate (the CLI's default setup) in a child process: wall seconds and the child's own peak RSS
+    (it reports it itself: RUSAGE_CHILDREN would also count the earlier children that loaded real models)."""
     code = (
-        "from pytest_gpumem import estimate, gpus; "
+        "import resource; from pytest_gpumem import estimate, gpus; "
         "r = estimate.Recipe(size='8b', batch=1, seq=2048, gradient_checkpointing=True); "
-        f"estimate.run_step(r, gpus.find_gpu({gpu_name!r}, 'gpu'), attribute=True)"
+        f"estimate.run_step(r, gpus.find_gpu({gpu_name!r}, 'gpu'), attribute=True); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     )
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     wall = time.perf_counter() - started
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # kilobytes on Linux
+    rss = int(done.stdout.split()[-1]) * 1024  # kilobytes on Linux
     return {"seconds": wall, "rss": rss, "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine()}
 
 
