@@ -4,9 +4,10 @@ Every test loads its own model through ``from_pretrained`` and applies LoRA
 through peft in a fixture (phase ``load`` of its setup), then runs two real
 AdamW steps (phases ``step1``, ``step2``). The model comes from a fixture so
 that it outlives the test body: when a test fails on memory, the advisor runs
-its step again with one lever changed and reports what each lever really saves. The reference setup is QLoRA: nf4 with double quantization, LoRA
-rank 8 on all linear layers, gradient checkpointing; each other setup changes
-one thing. The plugin fails a test whose peak grows more than 2% over its
+its step again with one lever changed and reports what each lever really
+saves. The reference setup is QLoRA: nf4 with double quantization, LoRA rank 8
+on all linear layers, gradient checkpointing; each other setup changes one
+thing. The plugin fails a test whose peak grows more than 2% over its
 stored baseline, or passes its size's budget (see conftest.py).
 """
 

@@ -19,7 +19,7 @@ from typing import Any, cast
 
 import pytest
 
-from . import meters
+from . import meters, snapshot, trainer
 from .environment import hardware_key, software_versions
 from .fixtures import (  # noqa: F401  (the fixtures are registered with the plugin)
     MEASUREMENT,
@@ -29,7 +29,6 @@ from .fixtures import (  # noqa: F401  (the fixtures are registered with the plu
     quantized_model,
     train_step,
 )
-from . import snapshot, trainer
 from .judge import judge, needed
 from .marker import MARKER_HELP, parse_marker
 from .measurement import Measurement
@@ -336,7 +335,9 @@ class GpuMemPlugin:
         from . import advisor, introspect, oom, whatif
 
         registration = measurement.registration
-        setup = introspect.inspect_setup(registration.models, registration.optimizers, registration.knobs, measurement.probe)
+        setup = introspect.inspect_setup(
+            registration.models, registration.optimizers, registration.knobs, measurement.probe
+        )
         measure = None
         if policy != "none" and not registration.models_freed:  # a what-if needs the model alive after the test
             measure = whatif.make_measure(

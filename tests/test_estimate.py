@@ -14,13 +14,13 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("bitsandbytes")
 
-import torch  # noqa: E402
+import torch
 
-from pytest_gpumem import cli, estimate, gpus, meters, models, training  # noqa: E402
-from pytest_gpumem.measurement import Measurement  # noqa: E402
-from pytest_gpumem.meters.estimate import EstimateTracker, FakeCuda, attention_kernel  # noqa: E402
-from pytest_gpumem.meters.tracker import WEIGHTS, block_size  # noqa: E402
-from pytest_gpumem.units import BadValue  # noqa: E402
+from pytest_gpumem import cli, estimate, gpus, meters, models, training
+from pytest_gpumem.measurement import Measurement
+from pytest_gpumem.meters.estimate import EstimateTracker, FakeCuda, attention_kernel
+from pytest_gpumem.meters.tracker import WEIGHTS, block_size
+from pytest_gpumem.units import BadValue
 
 H100 = gpus.GPUS["H100"]
 TINY = estimate.Recipe(size="tiny", batch=2, seq=64)

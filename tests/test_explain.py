@@ -49,8 +49,9 @@ def test_every_measured_test_carries_its_attribution(pytester):
     attribution = test["sample"]["attribution"]
     peak = attribution["peak"]
     assert peak["weights"] == 2 * 256 * 256 * 4
-    assert sum(peak[k] for k in ("weights", "gradients", "optimizer", "activations")) == (
-        test["sample"]["phases"]["call"]["allocated"]["cpu"]
+    assert (
+        sum(peak[k] for k in ("weights", "gradients", "optimizer", "activations"))
+        == (test["sample"]["phases"]["call"]["allocated"]["cpu"])
     )
     assert attribution["phase"] in ("step1", "step2")
     result.stdout.fnmatch_lines(["*largest consumer*", "test_train.py::test_train*new*%"])

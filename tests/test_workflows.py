@@ -30,7 +30,11 @@ def test_actionlint_finds_nothing():
     workflows = sorted(str(path) for path in (ROOT / ".github" / "workflows").glob("*.yml"))
     config = str(ROOT / ".github" / "actionlint.yaml")
     done = subprocess.run(
-        [_actionlint(), "-no-color", "-config-file", config, *workflows], cwd=ROOT, capture_output=True, text=True, env=env
+        [_actionlint(), "-no-color", "-config-file", config, *workflows],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert done.returncode == 0, done.stdout + done.stderr
 

@@ -121,7 +121,7 @@ def leak_message(leak: Leak) -> str:
 
 
 def _aligned(header: list[str], rows: list[list[str]], numeric: list[bool], indent: str = "") -> list[str]:
-    table = [header] + rows
+    table = [header, *rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
 
     def line(row: list[str]) -> str:
