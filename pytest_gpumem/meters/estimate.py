@@ -119,10 +119,17 @@ def _efficient_backward_scratch(args: tuple[Any, ...], kwargs: dict[str, Any], g
     return 2 * block_size(query.numel() * query.element_size()) + 2 * block_size(b * h * (-(-s // 32) * 32) * 4)
 
 
+def _int8_scaled_mm_scratch(args: tuple[Any, ...], kwargs: dict[str, Any], gpu: Gpu) -> int:
+    """The int32 product the CUDA kernel makes before it dequantizes into the output."""
+    a, b = args[0], args[1]
+    return block_size(a.numel() // a.shape[-1] * b.shape[0] * 4)
+
+
 SCRATCH = {
     "aten::_scaled_dot_product_cudnn_attention_backward": _cudnn_backward_scratch,
     "aten::_scaled_dot_product_efficient_attention_backward": _efficient_backward_scratch,
     "bitsandbytes::gemm_4bit": _gemm_4bit_scratch,
+    "bitsandbytes::int8_scaled_mm": _int8_scaled_mm_scratch,
     "aten::_safe_softmax": _safe_softmax_scratch,
     "aten::_softmax_backward_data": _softmax_backward_scratch,
     "aten::_scaled_dot_product_flash_attention_backward": _flash_backward_scratch,
@@ -142,8 +149,11 @@ class EstimateTracker(StorageTracker):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if func is _LOCAL_SCALAR and args[0].device.type == "meta":
             return _placeholder(args[0].dtype)
+        name = func._schema.name if hasattr(func, "_schema") else ""
+        if name in _INT8_OUTLIERS and args[0].device.type == "meta":
+            return _INT8_OUTLIERS[name](args, kwargs or {})
         out = super().__torch_dispatch__(func, types, args, kwargs)
-        scratch = SCRATCH.get(func._schema.name) if hasattr(func, "_schema") else None
+        scratch = SCRATCH.get(name)
         if scratch is not None:
             nbytes = scratch(args, kwargs or {}, self.gpu)
             if nbytes:
@@ -163,6 +173,29 @@ class EstimateTracker(StorageTracker):
                 self._note(DEVICE, now)
             self.seq += 1
             record[3] = self.seq
+
+
+# LLM.int8() splits off its outlier columns, whose number depends on the values, which meta tensors lack:
+# count none (their index and the 16-bit product over them are a sliver of a layer's memory).
+
+
+def _int8_quant_without_outliers(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    quantize = torch.ops.bitsandbytes.int8_vectorwise_quant.default
+    out_row, row_stats, _ = quantize(args[0], 0.0)
+    return out_row, row_stats, torch.empty(0, dtype=torch.int64, device=args[0].device)
+
+
+def _int8_matmul_without_outliers(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    a, ca, cb, sca, scb = args[:5]
+    bias = args[6] if len(args) > 6 else kwargs.get("bias")
+    out = torch.ops.bitsandbytes.int8_scaled_mm.default(ca, cb, sca, scb, bias, a.dtype)
+    return out, None
+
+
+_INT8_OUTLIERS = {
+    "bitsandbytes::int8_vectorwise_quant": _int8_quant_without_outliers,
+    "bitsandbytes::int8_mixed_scaled_mm": _int8_matmul_without_outliers,
+}
 
 
 def _placeholder(dtype: torch.dtype) -> Any:
