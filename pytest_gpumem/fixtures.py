@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,21 @@ def gpumem_model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.Te
 _DEFAULT = object()
 
 
+def _measurement(request: pytest.FixtureRequest) -> Measurement | None:
+    """The test's measurement; None where the plugin is disabled (``-p no:gpumem``): the model fixtures
+    still load and train then, unmeasured."""
+    return request.node.stash.get(MEASUREMENT, None)
+
+
+def _loading(measurement: Measurement | None) -> AbstractContextManager[None]:
+    return measurement.stage("load") if measurement is not None else contextlib.nullcontext()
+
+
+def _register(measurement: Measurement | None, model: Any) -> None:
+    if measurement is not None:
+        measurement.register_model(model)
+
+
 @pytest.fixture
 def quantized_model(gpumem: GpuMem, gpumem_model_dir: Path, request: pytest.FixtureRequest) -> Callable[..., Any]:
     """Load a model as production code does: ``quantized_model("llama", size="tiny", quant="nf4")``.
@@ -140,16 +156,16 @@ def quantized_model(gpumem: GpuMem, gpumem_model_dir: Path, request: pytest.Fixt
         models.check_choice("compute_dtype", compute_dtype, models.COMPUTE_DTYPES)
         if path is None and arch is None:
             path = settings_of(request.config).model_path
-        measurement = request.node.stash[MEASUREMENT]
+        measurement = _measurement(request)
         if settings_of(request.config).backend == "estimate":
             # Predicted, not loaded: the model is built from its config on fake tensors, quantized as
             # from_pretrained quantizes it, and no checkpoint is made or read.
             from . import estimate
 
             recipe = estimate.Recipe(arch=arch or "llama", size=size, config=Path(path) if path else None)
-            with measurement.stage("load"):
+            with _loading(measurement):
                 model = estimate.fake_model(estimate.model_config(recipe), quant, double_quant, compute_dtype)
-            measurement.register_model(model)
+            _register(measurement, model)
             return model
         if path is None:
             path = models.ensure_checkpoint(gpumem_model_dir, arch or "llama", size)
@@ -157,9 +173,9 @@ def quantized_model(gpumem: GpuMem, gpumem_model_dir: Path, request: pytest.Fixt
             raise ValueError(f"quantized_model: {str(path)!r} is not a checkpoint directory (no config.json)")
         if device_map is _DEFAULT:
             device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
-        with measurement.stage("load"):
+        with _loading(measurement):
             model = models.load(path, quant, double_quant, compute_dtype, device_map)
-        measurement.register_model(model)
+        _register(measurement, model)
         return model
 
     return load
@@ -173,9 +189,7 @@ def lora(request: pytest.FixtureRequest) -> Callable[..., Any]:
     @functools.wraps(models.add_lora)
     def apply(model: Any, *args: Any, **kwargs: Any) -> Any:
         model = models.add_lora(model, *args, **kwargs)
-        measurement = request.node.stash.get(MEASUREMENT, None)
-        if measurement is not None:
-            measurement.register_model(model)
+        _register(_measurement(request), model)
         return model
 
     return apply
@@ -203,9 +217,11 @@ def train_step(gpumem: GpuMem, request: pytest.FixtureRequest) -> Callable[..., 
     """Run real optimizer steps, each a phase of the measurement: ``train_step(model, batch=2, seq=64,
     steps=2, accumulation=1, gradient_checkpointing=None, autocast=None, optimizer="adamw")``; returns the
     losses. The advisor sees the model and these knobs, and may run the step again with one knob changed."""
-    measurement: Measurement = request.node.stash[MEASUREMENT]
+    measurement = _measurement(request)
 
     def run(model: Any, **kwargs: Any) -> list[float]:
+        if measurement is None:
+            return training.train_steps(model, **kwargs, phase=gpumem.phase)
         bound = _TRAIN_STEPS.bind(model, **kwargs)
         bound.apply_defaults()
         knobs = {name: value for name, value in bound.arguments.items() if name in KNOBS}

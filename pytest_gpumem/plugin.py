@@ -76,8 +76,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def settings_of(config: pytest.Config) -> Settings:
-    """The run's resolved settings (for fixtures)."""
-    return config.stash[PLUGIN].settings
+    """The run's resolved settings (for fixtures); the defaults where the plugin is disabled."""
+    plugin = config.stash.get(PLUGIN, None)
+    return plugin.settings if plugin is not None else Settings()
 
 
 def pytest_report_teststatus(report: pytest.TestReport) -> tuple[str, str, str] | None:

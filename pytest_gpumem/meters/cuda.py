@@ -29,7 +29,7 @@ import torch
 
 from .. import oom
 from ..sample import Peaks
-from . import release_failures
+from . import collect_after_teardown, release_failures
 from .tracker import StorageTracker
 
 
@@ -163,7 +163,7 @@ class CudaMeter:
         """Bytes per device still allocated above what was resident before the last measured test began,
         after a full collection (dropping what pytest keeps of a failure) and emptying the allocator's cache:
         call it after the test's teardown."""
-        release_failures()
+        collect_after_teardown()
         for index in self.devices:
             torch.accelerator.synchronize(index)
         torch.accelerator.memory.empty_cache()

@@ -40,7 +40,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..sample import Peaks
-from . import release_failures
+from . import collect_after_teardown, release_failures
 
 _NOTHING: tuple[int, ...] = ()
 WHOLE = -1
@@ -401,5 +401,5 @@ class TrackerMeter:
     def leftover(self) -> dict[str, int]:
         """Bytes per device still alive of what the last measured test made, after a full collection (and
         dropping what pytest keeps of a failure): call it after the test's teardown."""
-        release_failures()
+        collect_after_teardown()
         return {device: n for device, n in (self._last.current if self._last else {}).items() if n > 0}
