@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import json
 import sys
 import warnings
 
@@ -164,3 +166,31 @@ def test_install_never_imports_transformers(monkeypatch):
     assert trainer.install() is False
     trainer.uninstall()
     assert "transformers.trainer" not in sys.modules
+
+
+def test_the_plugin_installs_the_callback_for_every_measured_test(pytester, checkpoint):
+    """No extra code: a test that trains through a Trainer gets step phases and its setup explained."""
+    pytester.makepyfile(
+        test_hf=f"""
+        import pytest, transformers, warnings
+        from pytest_gpumem import models
+        from tests_trainer_support import make_trainer
+
+        @pytest.mark.gpumem
+        def test_train(tmp_path, gpumem):
+            model = models.add_lora(models.load({str(checkpoint)!r}, "bf16", True, "bfloat16", None), r=4,
+                                    gradient_checkpointing=False)
+            make_trainer(tmp_path, model).train()
+        """,
+        tests_trainer_support="import torch, transformers, warnings\n\n"
+        + inspect.getsource(TokenDataset)
+        + "\n\n"
+        + inspect.getsource(make_trainer),
+    )
+    result = pytester.runpytest("--gpumem-json=out.json", "--gpumem-explain=all")
+    result.assert_outcomes(passed=1)
+    test = json.loads((pytester.path / "out.json").read_text())["tests"][0]
+    assert {"step1", "step2"} <= set(test["sample"]["phases"])
+    levers = {lever["key"]: lever for lever in test["advice"]["levers"]}
+    assert "per-device batch 2 -> 1" in levers["batch"]["action"]
+    assert hf_trainer.DEFAULT_CALLBACKS == [c for c in hf_trainer.DEFAULT_CALLBACKS if c.__name__ != "GpuMemCallback"]
