@@ -34,11 +34,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from .introspect import TrainingSetup
+from .introspect import TrainingSetup, dtype_bytes
 from .sample import LEVERS, Advice, Attribution, Breakdown, Lever
 from .units import format_bytes
 
-DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2, "int8": 1, "uint8": 1}
 HALF = ("bfloat16", "float16")
 MIN_8BIT_SIZE = 4096
 """bitsandbytes' 8-bit optimizers keep 32-bit state for tensors with fewer elements (``min_8bit_size``)."""
@@ -147,19 +146,15 @@ class Precision:
             adapter = round(setup.trainable_bytes / setup.trainable_params) if setup.trainable_params else 4
         autocast = setup.autocast or knobs.get("autocast")
         return cls(
-            hidden=_bytes(setup.hidden_dtype) or _bytes(setup.weight_dtype) or 4,
-            weight=_bytes(setup.weight_dtype) or 2,
+            hidden=dtype_bytes(setup.hidden_dtype) or dtype_bytes(setup.weight_dtype) or 4,
+            weight=dtype_bytes(setup.weight_dtype) or 2,
             adapter=adapter,
-            autocast=_bytes(autocast) if autocast in HALF else 0,
+            autocast=dtype_bytes(autocast) if autocast in HALF else 0,
             quantized=setup.quant in ("nf4", "fp4", "int8") and setup.quantized_layers > 0,
             trainable_base=not lora and setup.trainable_params > setup.total_params // 2,
             lora_r=setup.lora_r or 0,
             lora_targets=_targets(setup) if lora else (),
         )
-
-
-def _bytes(dtype: str | None) -> int:
-    return DTYPE_BYTES.get(dtype or "", 0)
 
 
 def _targets(setup: TrainingSetup) -> tuple[str, ...]:
@@ -619,7 +614,7 @@ def _quant_incomplete_fix(s: Situation | None) -> Candidate:
         return Candidate("fix", action, None, "")
     left = setup.linear_layers - setup.quantized_layers
     params = s.shape.decoder_linear_params() * left / setup.linear_layers
-    width = _bytes(setup.compute_dtype or setup.weight_dtype) or 2
+    width = dtype_bytes(setup.compute_dtype or setup.weight_dtype) or 2
     quantized = params * (1 if setup.quant == "int8" else nf4_bytes(1024, bool(setup.double_quant)) / 1024)
     freed = params * width - quantized
     factor = max(0.0, 1 - freed / s.peak.weights)
@@ -765,10 +760,10 @@ def _qlora_lever(s: Situation | None) -> Candidate | None:
     if s.shape is None or not s.peak.weights:
         return Candidate("qlora", action, None, "")
     linear = s.shape.decoder_linear_params()
-    width = 1 if setup.quant == "int8" else (_bytes(setup.weight_dtype) or 2)
+    width = 1 if setup.quant == "int8" else (dtype_bytes(setup.weight_dtype) or 2)
     freed = linear * width - nf4_bytes(linear, True)
     others = max(0, setup.total_params - linear - setup.lora_params)
-    upcast = others * max(0, 4 - (_bytes(setup.weight_dtype) or 2))
+    upcast = others * max(0, 4 - (dtype_bytes(setup.weight_dtype) or 2))
     weights = (s.peak.weights - freed + upcast) / s.peak.weights
     p = s.precision
     prepared = replace(p, hidden=4, quantized=True, trainable_base=False)

@@ -29,33 +29,11 @@ import torch
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
+from .introspect import decoder_layers, quantization_statistics
 from .meters.tracker import GRADIENTS, OPTIMIZER, WEIGHTS, StorageTracker
 from .sample import Attribution, Breakdown, Peaks
 
 _PEFT_PREFIX = "base_model.model."
-
-
-def quantization_tensors(param: Any) -> list[torch.Tensor]:
-    """The tensors bitsandbytes keeps beside a quantized parameter: 4-bit absmax, code and the nested
-    (double-quantization) state; 8-bit row statistics."""
-    found = []
-    state = getattr(param, "quant_state", None)
-    while state is not None:
-        found += [t for t in (getattr(state, n, None) for n in ("absmax", "code", "offset")) if torch.is_tensor(t)]
-        state = getattr(state, "state2", None)
-    found += [t for t in (getattr(param, n, None) for n in ("SCB", "CB")) if torch.is_tensor(t)]
-    return found
-
-
-def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The model's repeated blocks (decoder layers): the longest ModuleList whose members share a class."""
-    best: list[torch.nn.Module] = []
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) > len(best):
-            members = list(module)
-            if len({type(m) for m in members}) == 1:
-                best = members
-    return best
 
 
 class Attributor:
@@ -126,16 +104,17 @@ class Attributor:
             self._scanned.add(id(model))
             for name, module in model.named_modules():
                 self.names.setdefault(id(module), name.removeprefix(_PEFT_PREFIX) or type(module).__name__)
-            self._layers.update(id(m) for m in repeated_blocks(model))
-        for param in model.parameters():
-            tracker.classify(param, WEIGHTS)
-            for tensor in quantization_tensors(param):
-                tracker.classify(tensor, WEIGHTS)
-            if param.requires_grad and id(param) not in self._grad_hooked:
-                self._grad_hooked.add(id(param))
-                self._handles.append(param.register_post_accumulate_grad_hook(self._grad_accumulated))
-        for buffer in model.buffers():
-            tracker.classify(buffer, WEIGHTS)
+            self._layers.update(id(m) for m in decoder_layers(model))
+        for module in model.modules():
+            for param in module.parameters(recurse=False):
+                tracker.classify(param, WEIGHTS)
+                for tensor in quantization_statistics(param, module):
+                    tracker.classify(tensor, WEIGHTS)
+                if param.requires_grad and id(param) not in self._grad_hooked:
+                    self._grad_hooked.add(id(param))
+                    self._handles.append(param.register_post_accumulate_grad_hook(self._grad_accumulated))
+            for buffer in module.buffers(recurse=False):
+                tracker.classify(buffer, WEIGHTS)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:

@@ -149,6 +149,12 @@ def decoder_layers(model: Any) -> list[Any]:
     return list(max(outer, key=rank)[1]) if outer else []
 
 
+def dtype_bytes(name: str | None) -> int:
+    """Bytes per element of a torch dtype named as the setup names it (``"bfloat16"`` -> 2); 0 if unknown."""
+    dtype = getattr(torch, name or "", None)
+    return dtype.itemsize if isinstance(dtype, torch.dtype) else 0
+
+
 def _dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -456,7 +462,7 @@ def _read_dtypes(setup: TrainingSetup, model: Any) -> None:
         setup.compute_dtype = setup.weight_dtype
 
 
-def _quantization_statistics(param: Any, module: Any) -> list[Any]:
+def quantization_statistics(param: Any, module: Any) -> list[Any]:
     """The tensors a quantized weight needs besides its packed storage: absmax, code, nested state, SCB."""
     found: list[Any] = []
     state = getattr(param, "quant_state", None)
@@ -489,7 +495,7 @@ def _read_parameters(setup: TrainingSetup, models: list[Any]) -> None:
                 if param.requires_grad:
                     setup.trainable_params += numel
                     setup.trainable_bytes += param.nbytes
-                for tensor in [param, *_quantization_statistics(param, module)]:
+                for tensor in [param, *quantization_statistics(param, module)]:
                     tensors[_tensor_key(tensor)] = tensor.nbytes
             for buffer in module.buffers(recurse=False):
                 tensors[_tensor_key(buffer)] = buffer.nbytes
@@ -520,9 +526,6 @@ def _read_optimizers(setup: TrainingSetup, optimizers: list[Any]) -> None:
 # -- what is configured but does nothing
 
 
-_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
-
-
 def findings(setup: TrainingSetup) -> list[Finding]:
     """The settings of ``setup`` that have no effect or silently cost memory, most important first.
 
@@ -551,7 +554,7 @@ def findings(setup: TrainingSetup) -> list[Finding]:
         )
     if setup.use_cache and setup.training:
         size = ""
-        itemsize = _ITEMSIZE.get(setup.hidden_dtype or setup.compute_dtype or "")
+        itemsize = dtype_bytes(setup.hidden_dtype or setup.compute_dtype)
         if tokens and setup.num_layers and setup.num_kv_heads and setup.head_dim and itemsize:
             cache = 2 * setup.num_layers * tokens * setup.num_kv_heads * setup.head_dim * itemsize
             size = f" ({format_bytes(cache)} for {shape})"

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from pytest_gpumem import meters
-from pytest_gpumem.attribution import quantization_tensors, repeated_blocks
 from pytest_gpumem.measurement import Measurement
 from pytest_gpumem.sample import Attribution
 from pytest_gpumem.snapshot import from_records
@@ -132,12 +131,6 @@ def test_window_is_the_call_phase() -> None:
     assert attribution is not None
     assert attribution.peak.activations == 2**20 + 2**18
     del kept, extra
-
-
-def test_repeated_blocks_and_quantization_tensors() -> None:
-    model = Net(layers=4)
-    assert repeated_blocks(model) == list(model.layers)
-    assert quantization_tensors(torch.nn.Parameter(torch.ones(3))) == []
 
 
 def test_snapshot_of_records_opens_in_pytorchs_trace_reader() -> None:

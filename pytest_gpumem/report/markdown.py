@@ -15,6 +15,7 @@ from .table import (
     counts_line,
     current_attribution,
     delta_cell,
+    explained,
     fit_text,
     lever_text,
     notes,
@@ -146,7 +147,7 @@ def render(results: list[TestResult], environment: dict[str, Any], warn_only: bo
         if bullets:
             lines += [""] + [f"- {bullet}" for bullet in bullets]
         for result in ordered(results):
-            if result.advice is not None or (result.verdict.failed and current_attribution(result) is not None):
+            if explained(result):
                 lines += ["", *_explanation(result)]
         lines += ["", UNITS_NOTE]
     return "\n".join(lines) + "\n"

@@ -130,6 +130,11 @@ def current_attribution(result: TestResult) -> Attribution | None:
     return oom.attribution if oom is not None and oom.attribution is not None else result.sample.attribution
 
 
+def explained(result: TestResult) -> bool:
+    """Whether the reports explain a test in full: it has advice, or it failed and its memory was attributed."""
+    return result.advice is not None or (result.verdict.failed and current_attribution(result) is not None)
+
+
 def attribution_rows(result: TestResult) -> list[list[str]]:
     """Rows of ``consumer, baseline, now, delta``: the four consumers, then the allocator's cache and the
     memory outside it where measured. The baseline column is ``-`` where the baseline has no attribution.

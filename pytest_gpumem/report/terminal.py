@@ -15,6 +15,7 @@ from .table import (
     counts_line,
     current_attribution,
     delta_cell,
+    explained,
     fit_text,
     grown_consumer,
     leak_text,
@@ -162,7 +163,7 @@ def summary_lines(results: list[TestResult], warn_only: bool = False, updating: 
         return ["no tests measured"]
     lines = _aligned(list(COLUMNS), [cells(r, warn_only) for r in ordered(results)], [c in NUMERIC for c in COLUMNS])
     for result in ordered(results):
-        if result.advice is not None or (result.verdict.failed and current_attribution(result) is not None):
+        if explained(result):
             lines += explanation_lines(result)
     lines += notes(results, warn_only, updating)
     lines.append(UNITS_NOTE)
