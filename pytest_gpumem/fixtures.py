@@ -7,7 +7,7 @@ import contextlib
 import functools
 import inspect
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -92,6 +92,16 @@ class GpuMem:
         fit = oom.fit_in_test(self._measurement, step, knob, start, floor)
         self._measurement.fits.append(fit)
         return fit
+
+    def spawn(self, fn: Callable[..., Any], nprocs: int, args: Sequence[Any] = (), **kwargs: Any) -> Any:
+        """``torch.multiprocessing.spawn(fn, args, nprocs, **kwargs)`` with every child measured: each runs
+        ``fn(rank, *args)`` with ``RANK`` and ``WORLD_SIZE`` set (where unset), and its peaks are reported as
+        devices ``rank<R>:cpu`` / ``rank<R>:cuda:<i>`` of the phase open when it exits."""
+        from . import ranks
+
+        if not isinstance(nprocs, int) or isinstance(nprocs, bool) or nprocs < 1:
+            raise ValueError(f"gpumem.spawn: nprocs must be a positive int, got {nprocs!r}")
+        return ranks.spawn(fn, nprocs, args, **kwargs)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import meters
+from . import meters, ranks
 from .attribution import Attributor
 from .meters import Meter
 from .sample import Attribution, Fit, OutOfMemory, Peaks, Sample, largest, merge_max
@@ -105,16 +105,22 @@ class Measurement:
         self.probe: Any = None  # an introspect.Probe on the latest registered model
         self.fits: list[Fit] = []  # searches the test ran with gpumem.max_fit
         self._spans: list[Peaks] = []  # the peaks of each open span()
+        # Last, so that nothing above can fail with the environment changed: child processes see it.
+        self._ranks = ranks.RankDirectory(meter.backend)
         global _active
         _active = self
 
     def _close_segment(self) -> None:
         segment = self._meter.mark()
-        merge_max(self._overall, segment)
-        for name in self._open:
-            merge_max(self.phases[name], segment)
-        for peaks in self._spans:
-            merge_max(peaks, segment)
+        try:
+            # Child processes that exited during the segment (ranks): absolute bytes, since each starts empty.
+            merge_max(segment, self._ranks.collect())
+        finally:  # a corrupt rank file raises, but the segment's own peaks still count
+            merge_max(self._overall, segment)
+            for name in self._open:
+                merge_max(self.phases[name], segment)
+            for peaks in self._spans:
+                merge_max(peaks, segment)
 
     @contextmanager
     def span(self) -> Iterator[Peaks]:
@@ -209,7 +215,10 @@ class Measurement:
     def finish(self) -> Sample:
         """Stop measuring and return the sample (phases still open are closed)."""
         if not self.finished:
-            self._close_segment()
+            try:
+                self._close_segment()
+            finally:
+                self._ranks.close()  # before anything else can fail: the environment is put back
             self._open.clear()
             if self._attributor is not None:
                 self.attribution = self._attributor.result(self.phases.get("call", {}))
