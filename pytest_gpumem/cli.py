@@ -165,9 +165,11 @@ def compare_results(
         elif old is not None:
             other_hardware = [old.hardware]
         own = result.verdict.tolerance
+        per_device = tuple((row.device, row.budget) for row in result.verdict.devices if row.budget is not None)
         spec = Spec(
             metric=result.verdict.metric,
-            budget=result.verdict.budget,
+            budget=None if result.verdict.devices else result.verdict.budget,
+            budget_per_device=per_device,  # the budgets each device was judged with
             tolerance=tolerance
             or (parse_tolerance(own, f"{head_name}: tolerance of {result.nodeid}") if own else DEFAULT_TOLERANCE),
         )

@@ -90,6 +90,8 @@ def gab(results: list[TestResult]) -> list[dict[str, Any]]:
     for name, metric, value, result in _entries(results):
         extra = [f"hardware {result.hardware}, {result.sample.backend} backend"]
         if metric == result.verdict.metric:
+            if result.verdict.devices and result.verdict.device:
+                extra.append(f"decided on {result.verdict.device}")
             if result.verdict.baseline is not None:
                 extra.append(f"baseline {format_bytes(result.verdict.baseline)}")
             if result.verdict.budget is not None:

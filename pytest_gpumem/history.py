@@ -103,7 +103,7 @@ def rows(results: Sequence[TestResult], software: Mapping[str, str], info: RunIn
             judged = metric == result.verdict.metric
             if value is None and not judged:
                 continue
-            if judged and result.verdict.value is not None:
+            if judged and value is None:  # a test that ran out of memory before its first phase closed
                 value = result.verdict.value
             out.append(
                 {

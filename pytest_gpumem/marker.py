@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from .oom import RETRY_KNOBS, parse_device_limit, parse_leak
-from .sample import METRICS, Spec
+from .sample import METRICS, Spec, device_order
 from .units import BadValue, Tolerance, parse_size, parse_tolerance
 
 
@@ -19,6 +20,8 @@ def gpumem(
     device_limit: int | str | None = None,
     leak: int | str | bool | None = None,
     retry_on_oom: str | None = None,
+    budget_per_device: Mapping[str | int, int | str] | None = None,
+    exclusive: bool = False,
 ) -> None:
     """Measure this test's peak memory and hold it to a budget and its stored baseline.
 
@@ -32,6 +35,9 @@ def gpumem(
     else leftovers over 1 MiB are flagged without failing. retry_on_oom: batch or seq: after an
     out-of-memory error, search that knob of the registered training step down for the largest value
     that fits and report it (the test still fails).
+    budget_per_device: a ceiling per device, {"cuda:1": "20 GiB", "rank0:cuda:0": "8 GiB"} (an int key n
+    means cuda:n); budget still holds for the largest device. Baselines are compared device by device.
+    exclusive: under VRAM-aware packing, run this test alone on its device.
     """
 
 
@@ -75,6 +81,9 @@ def parse_marker(
         )
     if retry is not None and retry not in RETRY_KNOBS:
         raise BadValue(f"{where}: retry_on_oom: unknown knob {retry!r}; choose one of {', '.join(RETRY_KNOBS)}")
+    exclusive = bound.arguments["exclusive"]
+    if not isinstance(exclusive, bool):
+        raise BadValue(f"{where}: exclusive: expected True or False, got {exclusive!r}")
     return Spec(
         metric=metric,
         budget=None if budget is None else parse_size(budget, f"{where}: budget"),
@@ -84,4 +93,35 @@ def parse_marker(
         else parse_device_limit(device_limit, f"{where}: device_limit"),
         leak=default_leak if leak is None else parse_leak(leak, f"{where}: leak"),
         retry_on_oom=retry,
+        budget_per_device=parse_budget_per_device(bound.arguments["budget_per_device"], where),
+        exclusive=exclusive,
     )
+
+
+_DEVICE = re.compile(r"(rank\d+:)?(cpu|[a-z]+:\d+)")
+"""Device names as the meters write them: ``cpu``, ``cuda:1``, and per rank ``rank0:cuda:0``."""
+
+
+def device_name(key: object, where: str) -> str:
+    """``cuda:1`` from ``1`` or ``"cuda:1"``; BadValue for anything the meters never name, so that a
+    misspelt device is an error rather than a budget that never applies."""
+    if isinstance(key, int) and not isinstance(key, bool) and key >= 0:
+        return f"cuda:{key}"
+    if isinstance(key, str) and _DEVICE.fullmatch(key):
+        return key
+    raise BadValue(f"{where}: {key!r} is not a device; write 'cuda:1', 'cpu', 'rank0:cuda:0', or an int n for cuda:n")
+
+
+def parse_budget_per_device(value: object, where: str) -> tuple[tuple[str, int], ...]:
+    """Spec's ``budget_per_device`` from the marker's mapping: device names and sizes in bytes, sorted."""
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping):
+        raise BadValue(f"{where}: budget_per_device: expected a mapping such as {{'cuda:1': '20 GiB'}}, got {value!r}")
+    budgets: dict[str, int] = {}
+    for key, size in value.items():
+        device = device_name(key, f"{where}: budget_per_device")
+        if device in budgets:
+            raise BadValue(f"{where}: budget_per_device: {device} is given twice ({key!r})")
+        budgets[device] = parse_size(size, f"{where}: budget_per_device[{key!r}]")
+    return tuple(sorted(budgets.items(), key=lambda item: device_order(item[0])))

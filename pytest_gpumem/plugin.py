@@ -19,7 +19,7 @@ from typing import Any, cast
 
 import pytest
 
-from . import meters, snapshot, trainer
+from . import meters, snapshot, trainer, workers
 from .environment import hardware_key, software_versions
 from .fixtures import (  # noqa: F401  (the fixtures are registered with the plugin)
     MEASUREMENT,
@@ -32,6 +32,7 @@ from .fixtures import (  # noqa: F401  (the fixtures are registered with the plu
 from .judge import judge, needed
 from .marker import MARKER_HELP, parse_marker
 from .measurement import Measurement
+from .pinning import PinningError
 from .report import json_report, markdown
 from .report.terminal import failure_message, summary_lines
 from .sample import LEAK_FLAG, Advice, Baseline, Environment, Fit, Leak, OutOfMemory, Spec, TestResult, largest
@@ -66,6 +67,24 @@ def pytest_configure(config: pytest.Config) -> None:
     plugin = GpuMemPlugin(config, settings, store)
     config.stash[PLUGIN] = plugin
     config.pluginmanager.register(plugin, "gpumem-plugin")
+    if (settings.gpus_per_worker or settings.pack) and workers.is_xdist_run(config):
+        if plugin.is_worker:
+            config.pluginmanager.register(workers.Worker(config), "gpumem-worker")
+        else:
+            try:
+                plugin.controller = workers.Controller(config, settings, store)
+            except PinningError as exc:
+                raise pytest.UsageError(str(exc)) from None
+            config.pluginmanager.register(plugin.controller, "gpumem-controller")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``-n auto`` with ``--gpumem-gpus-per-worker N``: one worker per N GPUs."""
+    try:
+        return workers.auto_workers(resolve(config))
+    except BadValue:
+        return None  # reported by pytest_configure
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -73,6 +92,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if plugin is not None:
         config.pluginmanager.unregister(plugin)
         del config.stash[PLUGIN]
+        if plugin.controller is not None:
+            plugin.controller.cleanup()
 
 
 def settings_of(config: pytest.Config) -> Settings:
@@ -82,6 +103,8 @@ def settings_of(config: pytest.Config) -> Settings:
 
 
 def pytest_report_teststatus(report: pytest.TestReport) -> tuple[str, str, str] | None:
+    if getattr(report, "gpumem_retried", False):
+        return "rerun", "R", ("RERUN", {"yellow": True})  # ran out of memory beside other tests; runs again alone
     if getattr(report, "gpumem_failed", False):
         # A fixture that ran out of memory is an error of the setup, as pytest counts any failed setup.
         return ("failed" if report.when == "call" else "error"), "M", "MEMORY"
@@ -101,6 +124,7 @@ class GpuMemPlugin:
         self.errors: list[str] = []
         self._meter: meters.Meter | None = None
         self._environment: Environment | None = None
+        self.controller: workers.Controller | None = None  # with xdist and pinning or packing, on the controller
 
     # -- the meter and the environment, made when the first measured test runs
 
@@ -108,7 +132,11 @@ class GpuMemPlugin:
     def meter(self) -> meters.Meter:
         if self._meter is None:
             try:
-                self._meter = meters.create(self.settings.backend, gpu=self.settings.estimate_gpu)
+                # Workers that share a GPU count only their own process's use of it as `device`.
+                own_process = self.settings.pack and self.is_worker
+                self._meter = meters.create(
+                    self.settings.backend, gpu=self.settings.estimate_gpu, own_process=own_process
+                )
             except meters.NoBackend as exc:
                 raise pytest.UsageError(f"--gpumem-backend {self.settings.backend}: {exc}") from None
         return self._meter
@@ -133,13 +161,19 @@ class GpuMemPlugin:
     def pytest_report_header(self, config: pytest.Config) -> list[str]:
         keys = ", ".join(sorted(self.store.by_hardware)) or "none yet"
         mode = " (updating)" if self.settings.update_baselines else ""
-        return [
+        lines = [
             f"gpumem: backend {meters.resolve_backend(self.settings.backend)}, "
             f"baselines {self.settings.baselines}{mode} [{keys}]"
         ]
+        if self.controller is not None:
+            lines.append("gpumem: " + self.controller.describe())
+        return lines
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> Any:
+        for key in (OOM, LEAK, MARKER_ERROR):  # a test run again (retried alone) starts afresh
+            if key in item.stash:
+                del item.stash[key]
         if not self._is_measured(item):
             return (yield)
         marker = item.get_closest_marker("gpumem")
@@ -378,12 +412,23 @@ class GpuMemPlugin:
 
     # -- results, on the controller
 
+    @pytest.hookimpl(tryfirst=True)  # before the terminal counts a report that is to be retried
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if self.is_worker:
             return
         for name, value in report.user_properties:
             if name == PROPERTY:
-                self.results.append(TestResult.from_dict(cast(dict[str, Any], value)))
+                result = TestResult.from_dict(cast(dict[str, Any], value))
+                if self.controller is not None:
+                    self.controller.observe(report, result)
+                    if self.controller.retry_alone(report, result):
+                        report.outcome = "rerun"  # type: ignore[assignment]  # neither passed nor failed
+                        report.gpumem_retried = True  # type: ignore[attr-defined]
+                        continue
+                    first = self.controller.retried.get(result.nodeid)
+                    if first is not None:
+                        result.retried = first.verdict
+                self.results.append(result)
             elif name == LEAK_PROPERTY:
                 self._attach_leak(cast(dict[str, Any], value))
 

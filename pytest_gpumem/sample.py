@@ -9,6 +9,7 @@ pytest-xdist workers and the controller and are written as JSON.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -36,6 +37,12 @@ def largest(peaks: Peaks, metric: str) -> int | None:
     """The largest value of ``metric`` over all devices, or None if it was not measured."""
     per_device = peaks.get(metric)
     return max(per_device.values()) if per_device else None
+
+
+def device_order(device: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key for device names that orders their numbers as numbers: ``cuda:2`` before ``cuda:10``,
+    ``rank2:cuda:0`` before ``rank10:cuda:0``."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", device) if part)
 
 
 def merge_max(into: Peaks, other: Peaks) -> None:
@@ -173,6 +180,11 @@ class Spec:
     None flags leftovers above :data:`LEAK_FLAG` without failing, False checks
     nothing, a Tolerance fails the test above it. ``retry_on_oom`` names the
     knob of the registered step that is searched down after an out-of-memory error.
+
+    ``budget`` caps every device (so the largest), ``budget_per_device`` the
+    devices it names: ``(device, bytes)`` pairs in device order, a tuple so that
+    the Spec stays immutable, hashable and picklable. ``exclusive`` asks the
+    scheduler to run the test alone on its device; the judge does not read it.
     """
 
     metric: str = "allocated"
@@ -181,6 +193,15 @@ class Spec:
     device_limit: int | None = None
     leak: Tolerance | bool | None = None
     retry_on_oom: str | None = None
+    budget_per_device: tuple[tuple[str, int], ...] = ()
+    exclusive: bool = False
+
+    def device_budget(self, device: str) -> int | None:
+        """The ceiling on ``device``: the lower of ``budget`` and the device's own; None where neither is set."""
+        limits = [n for d, n in self.budget_per_device if d == device]
+        if self.budget is not None:
+            limits.append(self.budget)
+        return min(limits) if limits else None
 
 
 LEAK_FLAG = Tolerance(floor=2**20)
@@ -336,8 +357,46 @@ class Baseline:
 
 
 @dataclass
+class DeviceVerdict:
+    """One device's numbers in a multi-device verdict.
+
+    ``baseline`` is None only where the test has no baseline at all; a device
+    the baseline lacks is compared against 0 (``in_baseline`` False), a device
+    the baseline has but the test no longer used counts ``value`` 0. ``budget``
+    is the ceiling on this device (see :meth:`Spec.device_budget`). ``status``
+    is the device's own: ok, new, improved, regression or over_budget.
+    """
+
+    device: str
+    value: int
+    baseline: int | None = None
+    allowed: int | None = None
+    budget: int | None = None
+    status: str = "ok"
+    in_baseline: bool = True
+
+    @property
+    def delta(self) -> int | None:
+        return None if self.baseline is None else self.value - self.baseline
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DeviceVerdict:
+        return cls(**data)
+
+
+@dataclass
 class Verdict:
-    """The judge's decision, with every number that decided it."""
+    """The judge's decision, with every number that decided it.
+
+    ``device`` is the device that decided (the one furthest over its budget,
+    regressed or improved, the one that ran out of memory, else the largest;
+    None where nothing was measured) and ``value``, ``baseline``, ``allowed`` and ``budget``
+    are its numbers; ``devices`` holds every device's, only where the test
+    measured more than one (so a single-device verdict reads as it always has).
+    """
 
     status: str
     metric: str
@@ -349,6 +408,8 @@ class Verdict:
     software_changes: list[str] = field(default_factory=list)
     other_hardware: list[str] = field(default_factory=list)
     oom: OutOfMemory | None = None  # with status oom: the failed request and the device at that moment
+    device: str | None = None
+    devices: list[DeviceVerdict] = field(default_factory=list)
 
     @property
     def failed(self) -> bool:
@@ -360,17 +421,30 @@ class Verdict:
             return None
         return self.value - self.baseline
 
+    def row(self, device: str | None = None) -> DeviceVerdict | None:
+        """The per-device row of ``device`` (default: the deciding one); None for single-device verdicts."""
+        wanted = self.device if device is None else device
+        return next((row for row in self.devices if row.device == wanted), None)
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        del data["oom"]
+        del data["oom"], data["devices"]
         if self.oom is not None:  # only where there is one, so other verdicts read as before
             data["oom"] = self.oom.to_dict()
+        if self.devices:  # likewise only for multi-device tests
+            data["devices"] = [row.to_dict() for row in self.devices]
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Verdict:
         oom = data.get("oom")
-        return cls(**{**data, "oom": OutOfMemory.from_dict(oom) if oom else None})
+        return cls(
+            **{
+                **data,
+                "oom": OutOfMemory.from_dict(oom) if oom else None,
+                "devices": [DeviceVerdict.from_dict(row) for row in data.get("devices") or []],
+            }
+        )
 
 
 LEVERS = ("fix", "batch", "checkpointing", "seq", "bf16", "lora", "qlora", "rank", "optimizer")
@@ -458,9 +532,10 @@ class TestResult:
     snapshot: str = ""  # the memory snapshot written for it (--gpumem-snapshot), if any
     leak: Leak | None = None  # what it left alive after its teardown (None: not checked)
     fits: list[Fit] = field(default_factory=list)  # searches for the largest knob value that fits
+    retried: Verdict | None = None  # packed: the verdict of its first run, out of memory beside other tests
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "nodeid": self.nodeid,
             "hardware": self.hardware,
             "passed": self.passed,
@@ -472,6 +547,9 @@ class TestResult:
             "leak": self.leak.to_dict() if self.leak else None,
             "fits": [fit.to_dict() for fit in self.fits],
         }
+        if self.retried is not None:  # only where there is one, so other results read as before
+            data["retried"] = self.retried.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TestResult:
@@ -486,6 +564,7 @@ class TestResult:
             snapshot=data.get("snapshot", ""),
             leak=Leak.from_dict(data["leak"]) if data.get("leak") else None,
             fits=[Fit.from_dict(fit) for fit in data.get("fits", [])],
+            retried=Verdict.from_dict(data["retried"]) if data.get("retried") else None,
         )
 
 

@@ -28,7 +28,7 @@ _FALSE = {"0", "false", "no", "off", ""}
 class Option:
     name: str  # the Settings field
     help: str
-    kind: str = "string"  # string | bool | path | choice | tolerance | exports | size | leak | gpu
+    kind: str = "string"  # string | bool | path | choice | tolerance | exports | size | leak | gpu | count
     choices: tuple[str, ...] = ()
     ini: bool = True
 
@@ -107,6 +107,34 @@ OPTIONS = (
         kind="path",
         ini=False,
     ),
+    Option(
+        "gpus_per_worker",
+        "under pytest-xdist, give each worker its own N GPUs (CUDA_VISIBLE_DEVICES set in the worker before CUDA "
+        "starts there); -n auto then starts one worker per N GPUs. Without --gpumem-pack, -n times N must not "
+        "exceed the GPUs visible. Default: workers see every GPU.",
+        kind="count",
+    ),
+    Option(
+        "pack",
+        "under pytest-xdist, let several workers share a GPU (worker K gets GPU group K mod the number of groups) "
+        "and admit a test onto it only while the stored peaks of the tests there, plus each worker's measured "
+        "resident memory, stay under the device's memory less --gpumem-pack-margin; tests without a baseline "
+        "or marked gpumem(exclusive=True) run alone, and a test that runs out of memory beside others is "
+        "retried alone.",
+        kind="bool",
+    ),
+    Option(
+        "pack_margin",
+        "memory kept free on every device when packing: a percentage of the device, a size, or both "
+        "('10%, 4 GiB': the larger). Default: 10%.",
+        kind="tolerance",
+    ),
+    Option(
+        "pack_capacity",
+        "the memory of each device when packing ('80 GiB'). Default: the device's total memory (NVML), or the "
+        "machine's RAM on the cpu backend.",
+        kind="size",
+    ),
     Option("json", "write the full results as JSON to this path.", kind="path", ini=False),
     Option(
         "markdown",
@@ -145,6 +173,10 @@ class Settings:
     device_limit: int | None = None
     leak: Tolerance | bool | None = None  # None: flag leftovers over 1 MiB; False: no check; else a limit
     snapshot: Path | None = None
+    gpus_per_worker: int | None = None
+    pack: bool = False
+    pack_margin: Tolerance = Tolerance(percent=10.0)  # noqa: RUF009 - frozen, so sharing it is safe
+    pack_capacity: int | None = None
     json: Path | None = None
     markdown: Path | None = None
     history: Path | None = None
@@ -228,4 +260,9 @@ def _convert(option: Option, value: Any, source: str, base: Path) -> Any:
         return parse_device_limit(value, source)
     if option.kind == "leak":
         return parse_leak(value, source)
+    if option.kind == "count":
+        text = str(value).strip()
+        if not text.isdigit() or int(text) < 1:
+            raise BadValue(f"{source}: {value!r} is not a whole number of GPUs (1 or more)")
+        return int(text)
     return value

@@ -36,6 +36,15 @@ def run_marker(pytester: pytest.Pytester, marker: str, *args: str) -> pytest.Run
         ),
         ('gpumem(budgt="1 GiB")', "gpumem marker of test_mem.py::test_step: got an unexpected keyword argument*"),
         ('gpumem("1 GiB", "2%", "allocated", 4)', "gpumem marker of test_mem.py::test_step: too many positional*"),
+        (
+            'gpumem(budget_per_device={"cuda1": "1 GiB"})',
+            "gpumem marker of test_mem.py::test_step: budget_per_device: 'cuda1' is not a device; write*",
+        ),
+        (
+            'gpumem(budget_per_device={1: "lots"})',
+            "gpumem marker of test_mem.py::test_step: budget_per_device[[]1[]]: 'lots' is not a size*",
+        ),
+        ('gpumem(exclusive="yes")', "gpumem marker of test_mem.py::test_step: exclusive: expected True or False*"),
     ],
 )
 def test_bad_marker_errors_that_test_in_one_line(pytester, marker, message):

@@ -8,9 +8,11 @@ import json
 import pytest
 
 from pytest_gpumem import cli
+from pytest_gpumem.judge import judge
 from pytest_gpumem.merge import MergeError, merge, merge_environments
-from pytest_gpumem.report import json_report
-from pytest_gpumem.sample import Sample, TestResult, Verdict
+from pytest_gpumem.report import json_report, markdown
+from pytest_gpumem.report.terminal import summary_lines
+from pytest_gpumem.sample import Baseline, Sample, Spec, TestResult, Verdict
 
 with contextlib.suppress(ImportError):  # imported before pytester snapshots sys.modules: see tests/conftest.py
     import pandas  # noqa: F401
@@ -219,3 +221,52 @@ def test_merged_document_reads_back():
     merged_env, results = merge([("a", env, [result("t::a", 1)])])
     doc = json_report.build(results, merged_env)
     assert doc["summary"]["new"] == 1
+
+
+def judged(nodeid: str, now: dict[str, int], base: dict[str, int] | None) -> TestResult:
+    """A result judged from given per-device numbers (devices and per-rank keys), as a multi-GPU run has them."""
+    sample = Sample("cuda", phases={"call": {"allocated": now, "reserved": {d: 2 * n for d, n in now.items()}}})
+    stored = Baseline({"allocated": base}, {}, {"torch": "2.13.0"}, "2025-11-20", "cuda") if base else None
+    verdict = judge(sample, Spec(budget_per_device=(("cuda:1", 40 * MiB),)), stored, {"torch": "2.13.0"})
+    return TestResult(nodeid, "H100", sample, verdict, True, stored)
+
+
+def test_shards_with_per_device_results_merge_to_exactly_the_whole_run(tmp_path, capsys):
+    """Results measured on several devices (and per rank) merge and render as one run's: the JSON, the
+    Markdown and the printed table equal those written from all results at once, byte for byte."""
+    results = [
+        judged(
+            "t.py::ddp",
+            {"rank0:cuda:0": 30 * MiB, "rank1:cuda:0": 36 * MiB},
+            {"rank0:cuda:0": 30 * MiB, "rank1:cuda:0": 30 * MiB},
+        ),
+        judged("t.py::pipeline", {"cuda:0": 30 * MiB, "cuda:1": 50 * MiB}, {"cuda:0": 30 * MiB, "cuda:1": 50 * MiB}),
+        judged("t.py::sharded", {"cuda:0": 20 * MiB, "cuda:1": 20 * MiB}, {"cuda:0": 20 * MiB}),
+        judged("t.py::single", {"cuda:0": 10 * MiB}, None),
+    ]
+    assert [r.verdict.status for r in results] == ["regression", "over_budget", "regression", "new"]
+    assert [r.verdict.device for r in results] == ["rank1:cuda:0", "cuda:1", "cuda:1", "cuda:0"]
+    env = {"backends": ["cuda"], "hardware": ["H100"], "software": {"torch": "2.13.0"}}
+    shards = {"s1.json": results[2:], "s2.json": results[:2]}
+    for name, part in shards.items():
+        (tmp_path / name).write_text(json_report.dumps(json_report.build(part, env)))
+
+    merged_json, merged_md = tmp_path / "merged.json", tmp_path / "merged.md"
+    capsys.readouterr()
+    args = ["merge", *(str(tmp_path / name) for name in shards), "-o", str(merged_json), "--markdown", str(merged_md)]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out.splitlines()
+
+    assert merged_json.read_text() == json_report.dumps(json_report.build(results, env))
+    assert merged_md.read_text() == markdown.render(results, env)
+    assert printed[: printed.index(f"wrote {merged_json}")] == summary_lines(results)
+    assert "over budget on cuda:1" in printed[2] and "regression on rank1:cuda:0" in printed[4]
+    doc = json.loads(merged_json.read_text())
+    assert [t["verdict"]["device"] for t in doc["tests"]] == ["rank1:cuda:0", "cuda:1", "cuda:1", "cuda:0"]
+    assert [len(t["verdict"].get("devices", [])) for t in doc["tests"]] == [2, 2, 2, 0]
+
+    # the same test in two shards with different per-device numbers is a conflict
+    other = judged("t.py::ddp", {"rank0:cuda:0": 30 * MiB, "rank1:cuda:0": 37 * MiB}, {"rank0:cuda:0": 30 * MiB})
+    with pytest.raises(MergeError) as info:
+        merge([("s1.json", env, results[:1]), ("s3.json", env, [other])])
+    assert str(info.value).startswith("t.py::ddp is in s1.json and s3.json with different results")

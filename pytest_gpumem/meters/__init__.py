@@ -107,10 +107,11 @@ def resolve_backend(backend: str) -> str:
     return "cpu"
 
 
-def create(backend: str, attribute: bool = True, gpu: str | None = None) -> Meter:
+def create(backend: str, attribute: bool = True, gpu: str | None = None, own_process: bool = False) -> Meter:
     """The meter of ``backend``; NoBackend where it cannot measure here. ``attribute``: also keep what
     the attribution needs (a storage tracker, on the cuda backend too). ``gpu``: the GPU the estimate
-    backend predicts for (a name or a size; default H100)."""
+    backend predicts for (a name or a size; default H100). ``own_process``: the cuda backend's device
+    metric counts this process's NVML use only (for workers that share a GPU)."""
     if backend == "estimate":
         from ..gpus import DEFAULT_GPU, find_gpu
         from .estimate import EstimateMeter
@@ -119,7 +120,7 @@ def create(backend: str, attribute: bool = True, gpu: str | None = None) -> Mete
     if resolve_backend(backend) == "cuda":
         from .cuda import CudaMeter
 
-        return CudaMeter(attribute=attribute)
+        return CudaMeter(attribute=attribute, own_process=own_process)
     from .tracker import TrackerMeter
 
     return TrackerMeter(attribute=attribute)

@@ -4,7 +4,9 @@ The measurement costs nothing per allocation: the allocator already keeps the
 current and peak ``allocated`` and ``reserved`` bytes of every device, so a
 test costs a reset before it and a few reads at each phase boundary. ``device``
 is what NVML says the device has in use (the CUDA context and library
-workspaces included, and other processes' memory too); NVML has no peak, so it
+workspaces included, and other processes' memory too), or with
+``own_process`` (workers that share a GPU under packing) what NVML counts
+of this process alone; NVML has no peak, so it
 is read at every phase boundary, where the caching allocator still holds what
 the phase reserved.
 
@@ -49,6 +51,23 @@ def _nvml_handles(count: int) -> list[Any] | None:
         return None
 
 
+def process_used(handles: list[Any]) -> list[int] | None:
+    """What NVML counts of this process's own use on each device (its context, libraries and allocator
+    reservations, not other processes'), or None where NVML does not list this process on any device."""
+    import os
+
+    import pynvml
+
+    pid = os.getpid()
+    used = []
+    for handle in handles:
+        processes = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        used.append(next((int(p.usedGpuMemory or 0) for p in processes if p.pid == pid), -1))
+    if all(n < 0 for n in used):
+        return None
+    return [max(n, 0) for n in used]
+
+
 def _warm_up(device: str) -> None:
     """Create what CUDA and its libraries keep for the life of the process, so no test is charged for it.
 
@@ -63,19 +82,41 @@ def _warm_up(device: str) -> None:
     torch.accelerator.synchronize(torch.device(device).index)
 
 
+def _warm_up_bitsandbytes(device: str) -> None:
+    """Make what bitsandbytes keeps for the life of the process on first use: the dynamic quantization map
+    (1 KiB) that double quantization and 8-bit blockwise quantization cache on the device they first run on.
+    Otherwise whichever test quantizes first in a process pays for it, and a test's peak would depend on
+    the order tests run in (under pytest-xdist, on which worker runs what)."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return
+    try:
+        from bitsandbytes import functional
+    except Exception:  # noqa: BLE001 - a bitsandbytes that cannot load here is one no test can use either
+        return
+    functional.quantize_blockwise(torch.ones(256, device=device))
+    torch.accelerator.synchronize(torch.device(device).index)
+
+
 class CudaMeter:
     """Meter of the ``cuda`` backend: per device, allocator peaks and NVML device use."""
 
     backend = "cuda"
 
-    def __init__(self, attribute: bool = True) -> None:
+    def __init__(self, attribute: bool = True, own_process: bool = False) -> None:
         self._attribute = attribute
+        self._own_process = own_process
         self.tracker: StorageTracker | None = None
         self.devices = list(range(torch.cuda.device_count()))
         self.names = [f"cuda:{index}" for index in self.devices]
         for name in self.names:
             _warm_up(name)
+        if self.names:
+            _warm_up_bitsandbytes(self.names[0])
         self._nvml = _nvml_handles(len(self.devices))
+        if own_process and self._nvml and not process_used(self._nvml):
+            self._nvml = None  # NVML does not list this process (a container's own PID namespace): no device metric
         self.metrics: tuple[str, ...] = ("allocated", "reserved") + (("device",) if self._nvml else ())
         self._before: Peaks = {}
         self._last_before: Peaks = {}  # the last test's, to tell what it left allocated
@@ -86,6 +127,8 @@ class CudaMeter:
         import pynvml
 
         assert self._nvml is not None
+        if self._own_process:
+            return dict(zip(self.names, process_used(self._nvml) or [0] * len(self.names), strict=True))
         handles = zip(self.names, self._nvml, strict=True)
         return {name: int(pynvml.nvmlDeviceGetMemoryInfo(handle).used) for name, handle in handles}
 

@@ -16,7 +16,9 @@ def build(results: list[TestResult], environment: dict[str, Any]) -> dict[str, A
     """The report document: schema, environment, a count per status, and every test sorted by nodeid.
 
     Each test is :meth:`TestResult.to_dict` with its verdict's status copied to
-    a top-level ``status`` key, so that tools can filter without digging.
+    a top-level ``status`` key, so that tools can filter without digging. Its
+    verdict names the deciding ``device``; a test measured on several devices
+    also has every device's numbers in the verdict's ``devices``.
     """
     counts = Counter(r.verdict.status for r in results)
     tests = [{**r.to_dict(), "status": r.verdict.status} for r in sorted(results, key=lambda r: r.nodeid)]

@@ -8,13 +8,16 @@ from typing import Any
 from ..sample import TestResult
 from .table import (
     COLUMNS,
+    DEVICE_COLUMNS,
     NUMERIC,
     UNITS_NOTE,
     attribution_rows,
     cells,
     counts_line,
     current_attribution,
+    decided_on,
     delta_cell,
+    device_rows,
     explained,
     fit_text,
     lever_text,
@@ -23,6 +26,7 @@ from .table import (
     ordered,
     plural,
     recommendation,
+    status_word,
     verdict_cell,
     where,
 )
@@ -93,25 +97,36 @@ def _dependencies(results: list[TestResult], warn_only: bool) -> list[str]:
     return lines
 
 
+def _table(columns: tuple[str, ...], rows: list[list[str]]) -> list[str]:
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "| " + " | ".join("---:" if c in NUMERIC else "---" for c in columns) + " |",
+    ]
+    return lines + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+
+
 def _explanation(result: TestResult) -> list[str]:
-    """A collapsible block: where the test's peak went beside its baseline's (or how it ran out of memory,
-    and what was alive then), findings, levers, and the searches for what fits."""
+    """A collapsible block: the test's devices (where it measured several), where its peak went beside its
+    baseline's (or how it ran out of memory, and what was alive then), findings, levers, and the searches for
+    what fits."""
+    verdict = result.verdict
     attribution = current_attribution(result)
-    oom = result.verdict.oom
+    oom = verdict.oom
     moment = "out of memory" if oom is not None else "peak"
+    parts = [f"{status_word(verdict.status)} on {decided_on(verdict)}"] if decided_on(verdict) else []
+    if attribution:
+        parts.append(f"{moment} at {where(attribution)}")
     # Markdown is not rendered inside an HTML block, so the summary is HTML throughout.
-    summary = f"<code>{html.escape(result.nodeid)}</code>" + (
-        f": {moment} at {html.escape(where(attribution))}" if attribution else ""
-    )
+    summary = f"<code>{html.escape(result.nodeid)}</code>" + (f": {html.escape('; '.join(parts))}" if parts else "")
     lines = [f"<details><summary>{summary}</summary>", ""]
+    if verdict.devices:
+        lines += [*_table(DEVICE_COLUMNS, device_rows(verdict)), ""]
     if oom is not None:
         lines += [f"- {label}: {_cell(text)}" for label, text in oom_lines(oom)]
         lines.append("")
     rows = attribution_rows(result)
     if rows:
-        lines += ["| consumer | baseline | now | delta |", "| --- | ---: | ---: | ---: |"]
-        lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-        lines.append("")
+        lines += [*_table(("consumer", "baseline", "now", "delta"), rows), ""]
     advice = result.advice
     if advice is not None:
         lines += [f"- setting: {_cell(finding)}" for finding in advice.findings]
@@ -147,7 +162,7 @@ def render(results: list[TestResult], environment: dict[str, Any], warn_only: bo
         if bullets:
             lines += [""] + [f"- {bullet}" for bullet in bullets]
         for result in ordered(results):
-            if explained(result):
+            if explained(result) or decided_on(result.verdict):
                 lines += ["", *_explanation(result)]
         lines += ["", UNITS_NOTE]
     return "\n".join(lines) + "\n"

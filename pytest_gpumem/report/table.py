@@ -15,6 +15,7 @@ from ..sample import (
     Advice,
     Attribution,
     Breakdown,
+    DeviceVerdict,
     Fit,
     Leak,
     Lever,
@@ -25,7 +26,9 @@ from ..sample import (
 from ..units import format_bytes, format_delta, format_percent
 
 COLUMNS = ("test", "metric", "peak", "baseline", "delta", "budget", "verdict", "largest consumer")
-NUMERIC = frozenset({"peak", "baseline", "delta", "budget"})
+DEVICE_COLUMNS = ("device", "now", "baseline", "delta", "budget", "verdict")
+"""The per-device breakdown of a test measured on several devices."""
+NUMERIC = frozenset({"peak", "now", "baseline", "delta", "budget"})
 """Columns that hold sizes, so layouts right-align them."""
 
 UPDATE_OPTION = "--gpumem-update-baselines"
@@ -56,19 +59,56 @@ def status_word(status: str) -> str:
     return status.replace("_", " ")
 
 
+_NAMED = frozenset({"oom", "over_budget", "regression", "improved"})
+"""Statuses decided on one device, which a multi-device test's reports name."""
+
+
+def decided_on(verdict: Verdict) -> str | None:
+    """The device a multi-device verdict names (the one over budget, regressed, improved or out of memory);
+    None for single-device verdicts, whose reports read as they always have, and for ok and new."""
+    return verdict.device if verdict.devices and verdict.status in _NAMED else None
+
+
 def verdict_cell(verdict: Verdict, warn_only: bool = False) -> str:
-    """The verdict column: ``regression``, or ``regression (warn)`` for an unenforced failure."""
+    """The verdict column: ``regression``, ``regression on cuda:1`` for a test on several devices, or
+    ``regression (warn)`` for an unenforced failure."""
     word = status_word(verdict.status)
+    device = decided_on(verdict)
+    if device:
+        word += f" on {device}"
     return f"{word} (warn)" if warn_only and verdict.failed else word
+
+
+def _delta_text(delta: int | None, baseline: int | None) -> str:
+    if delta is None:
+        return "-"
+    percent = format_percent(delta, baseline)
+    return format_delta(delta) if percent == "-" else f"{format_delta(delta)} ({percent})"
 
 
 def delta_cell(verdict: Verdict) -> str:
     """``+12.00 MiB (+0.8%)``; ``-`` without a baseline."""
-    delta = verdict.delta
-    if delta is None:
-        return "-"
-    percent = format_percent(delta, verdict.baseline)
-    return format_delta(delta) if percent == "-" else f"{format_delta(delta)} ({percent})"
+    return _delta_text(verdict.delta, verdict.baseline)
+
+
+def baseline_text(row: DeviceVerdict) -> str:
+    """A device's baseline: its size, ``not in the baseline`` (compared with 0), or ``-`` without any."""
+    return format_bytes(row.baseline) if row.in_baseline else "not in the baseline"
+
+
+def device_rows(verdict: Verdict) -> list[list[str]]:
+    """The per-device breakdown, in :data:`DEVICE_COLUMNS` order; empty for a single-device verdict."""
+    return [
+        [
+            row.device,
+            format_bytes(row.value),
+            baseline_text(row),
+            _delta_text(row.delta, row.baseline),
+            format_bytes(row.budget),
+            status_word(row.status),
+        ]
+        for row in verdict.devices
+    ]
 
 
 def cells(result: TestResult, warn_only: bool = False) -> list[str]:
@@ -312,8 +352,19 @@ def notes(results: list[TestResult], warn_only: bool = False, updating: bool = F
             lines.append(f"leak: {result.nodeid} {leak_text(result.leak)}")
         for fit in result.fits:
             lines.append(f"{'fit' if fit.purpose else 'retry'}: {result.nodeid}: {fit_text(fit)}")
+        if result.retried is not None:
+            lines.append(f"retried alone: {result.nodeid}: {retried_text(result)}")
 
     failed = sum(r.verdict.status in FAILING for r in results)
     if warn_only and failed:
         lines.append(f"warn-only: {plural(failed, 'memory failure')} reported but not enforced")
     return lines
+
+
+def retried_text(result: TestResult) -> str:
+    """What a packed test that ran out of memory beside other tests did when it ran again alone."""
+    assert result.retried is not None
+    first = result.retried.oom
+    request = f" (a {format_bytes(first.requested)} request failed)" if first and first.requested else ""
+    alone = "ran out of memory again" if result.verdict.status == "oom" else f"ran {result.verdict.status}"
+    return f"ran out of memory beside other tests on a shared GPU{request}; alone it {alone}"

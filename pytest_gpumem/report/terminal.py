@@ -6,6 +6,7 @@ from ..sample import Leak, TestResult
 from ..units import format_bytes, format_delta
 from .table import (
     COLUMNS,
+    DEVICE_COLUMNS,
     NUMERIC,
     ORDER,
     UNITS_NOTE,
@@ -14,7 +15,9 @@ from .table import (
     cells,
     counts_line,
     current_attribution,
+    decided_on,
     delta_cell,
+    device_rows,
     explained,
     fit_text,
     grown_consumer,
@@ -47,6 +50,8 @@ def failure_message(result: TestResult) -> str:
     v = result.verdict
     sample = result.sample
     headline = _HEADLINE.get(v.status, v.status)
+    if decided_on(v):
+        headline += f" on {v.device}"
     lines = [f"gpumem: {headline} ({v.metric} peak, {sample.backend} backend, hardware {result.hardware})"]
 
     def add(label: str, text: str) -> None:
@@ -55,7 +60,8 @@ def failure_message(result: TestResult) -> str:
     if v.oom is not None:
         for label, text in oom_lines(v.oom):
             add(label, text)
-    add("peak", _exact(v.value))
+    row = v.row()  # the deciding device's, on several devices
+    add("peak", _exact(v.value) + (f" on {v.device}" if row else ""))
 
     if v.baseline is None:
         text = "none for this hardware"
@@ -63,7 +69,9 @@ def failure_message(result: TestResult) -> str:
             text += f"; baselines exist for: {', '.join(v.other_hardware)}"
         add("baseline", text)
     else:
-        text = _exact(v.baseline)
+        # a device the baseline lacks is compared with 0: say so rather than show a recorded 0
+        missing = row is not None and not row.in_baseline
+        text = f"0 B: {v.device} is not in the baseline" if missing else _exact(v.baseline)
         if result.baseline is not None:
             if result.baseline.recorded:
                 text += f" recorded {result.baseline.recorded}"
@@ -83,6 +91,9 @@ def failure_message(result: TestResult) -> str:
         if v.value is not None and v.value > v.budget:
             text += f", exceeded by {format_bytes(v.value - v.budget)}"
         add("budget", text)
+    if v.devices:
+        lines.append("  devices")
+        lines += _aligned(list(DEVICE_COLUMNS), device_rows(v), _numeric(DEVICE_COLUMNS), indent="    ")
 
     phases = [(phase, sample.value(v.metric, phase)) for phase in sample.phases]
     measured = [f"{phase} {format_bytes(value)}" for phase, value in phases if value is not None]
@@ -121,6 +132,10 @@ def leak_message(leak: Leak) -> str:
     return f"gpumem: leak: the test {leak_text(leak)}"
 
 
+def _numeric(columns: tuple[str, ...]) -> list[bool]:
+    return [c in NUMERIC for c in columns]
+
+
 def _aligned(header: list[str], rows: list[list[str]], numeric: list[bool], indent: str = "") -> list[str]:
     table = [header, *rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
@@ -133,11 +148,13 @@ def _aligned(header: list[str], rows: list[list[str]], numeric: list[bool], inde
 
 
 def explanation_lines(result: TestResult) -> list[str]:
-    """A test's full explanation: where its peak went (beside the baseline's), or what was alive when it ran
-    out of memory, findings and every lever."""
+    """A test's full explanation: its devices' numbers (where it measured several), where its peak went
+    (beside the baseline's), or what was alive when it ran out of memory, findings and every lever."""
     attribution = current_attribution(result)
     advice = result.advice
     lines = [f"{result.nodeid}:"]
+    if result.verdict.devices:
+        lines += _aligned(list(DEVICE_COLUMNS), device_rows(result.verdict), _numeric(DEVICE_COLUMNS), indent="  ")
     if attribution is not None:
         moment = "out of memory" if result.verdict.oom is not None else "peak"
         lines.append(f"  {moment} at {where(attribution)}")
@@ -158,12 +175,12 @@ def explanation_lines(result: TestResult) -> list[str]:
 
 def summary_lines(results: list[TestResult], warn_only: bool = False, updating: bool = False) -> list[str]:
     """The terminal summary: an aligned table, failures first, then the explanation of every failed or
-    advised test, notes and a count line."""
+    advised test (and of every test decided on one of several devices), notes and a count line."""
     if not results:
         return ["no tests measured"]
-    lines = _aligned(list(COLUMNS), [cells(r, warn_only) for r in ordered(results)], [c in NUMERIC for c in COLUMNS])
+    lines = _aligned(list(COLUMNS), [cells(r, warn_only) for r in ordered(results)], _numeric(COLUMNS))
     for result in ordered(results):
-        if explained(result):
+        if explained(result) or decided_on(result.verdict):
             lines += explanation_lines(result)
     lines += notes(results, warn_only, updating)
     lines.append(UNITS_NOTE)

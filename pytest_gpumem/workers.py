@@ -1,0 +1,240 @@
+"""pytest-xdist wiring: pin workers to GPUs, pack tests onto shared GPUs, retry alone.
+
+Registered only when pytest-xdist is active and ``--gpumem-gpus-per-worker``
+or ``--gpumem-pack`` is given. :class:`Controller` runs in the controller: it
+sets each worker's ``CUDA_VISIBLE_DEVICES`` in the worker's process as soon
+as its gateway exists (before pytest, let alone CUDA, starts there), and with
+packing makes the :class:`~.packing.PackingScheduling` and feeds it what the
+workers measure. :class:`Worker` runs in each worker: it checks its pinning
+and tells the controller, through a file in a directory they share, which
+tests are marked ``gpumem(exclusive=True)`` (the controller sees test ids
+only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Hashable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .meters import resolve_backend
+from .packing import Demand, PackingScheduling
+from .pinning import ENV, PinningError, assign, groups, visible_devices, worker_index
+from .probe import DeviceFacts, ProbeError, physical_memory, probe
+from .sample import Baseline, TestResult
+from .settings import Settings
+from .store import BaselineStore, write_atomic
+
+DEVICES_KEY = "gpumem_devices"  # workerinput: the CUDA_VISIBLE_DEVICES a worker must see
+SHARED_KEY = "gpumem_shared"  # workerinput: the directory workers leave their collection's facts in
+EXCLUSIVE = "exclusive.json"
+
+
+def is_xdist_run(config: pytest.Config) -> bool:
+    """A pytest-xdist controller that starts workers (``-n``/``--tx``), or one of its workers."""
+    if hasattr(config, "workerinput"):
+        return True
+    if not config.pluginmanager.hasplugin("xdist") or config.getoption("collectonly"):
+        return False
+    # The test xdist's own pytest_configure uses to start its distributed session, which may run after ours.
+    return config.getoption("dist", "no") != "no" and bool(config.getoption("tx", None))
+
+
+def worker_count(config: pytest.Config) -> int:
+    return len(config.getoption("tx", None) or [])
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs the controller sees, as CUDA_VISIBLE_DEVICES tokens (counted without starting CUDA here)."""
+    import torch
+
+    return visible_devices(os.environ, torch.cuda.device_count())
+
+
+def auto_workers(settings: Settings) -> int | None:
+    """``-n auto`` with ``--gpumem-gpus-per-worker N`` (and no packing): one worker per N GPUs."""
+    if settings.gpus_per_worker is None or settings.pack or resolve_backend(settings.backend) != "cuda":
+        return None
+    return max(1, len(groups(visible_gpus(), settings.gpus_per_worker)))
+
+
+class Controller:
+    """The controller's side: pinning, and the packing scheduler."""
+
+    def __init__(self, config: pytest.Config, settings: Settings, store: BaselineStore) -> None:
+        self.settings = settings
+        self.store = store
+        self.backend = resolve_backend(settings.backend)
+        if self.backend == "estimate":
+            raise PinningError(
+                "--gpumem-pack and --gpumem-gpus-per-worker measure real devices, not the estimate backend"
+            )
+        self.workers = worker_count(config)
+        self.groups: list[list[str]] = []
+        if self.backend == "cuda":
+            self.groups = groups(visible_gpus(), settings.gpus_per_worker or 1)
+            for index in range(self.workers):  # fail now, with a clear message, where the GPUs do not suffice
+                assign(visible_gpus(), settings.gpus_per_worker or 1, self.workers, index, settings.pack)
+        self.shared = Path(tempfile.mkdtemp(prefix="gpumem-workers-"))
+        self.scheduler: PackingScheduling | None = None
+        self.facts: list[DeviceFacts] = []
+        self.retried: dict[str, TestResult] = {}  # nodeid -> the result of its run beside other tests
+
+    def describe(self) -> str:
+        """The header line: how the workers are pinned, and whether they pack."""
+        pinned = (
+            f"{self.workers} workers on GPU groups {' '.join('[' + ','.join(g) + ']' for g in self.groups)}"
+            if self.groups
+            else f"{self.workers} workers sharing the cpu"
+        )
+        if not self.settings.pack:
+            return pinned
+        return f"{pinned}, packed by stored peaks with a margin of {self.settings.pack_margin}"
+
+    def devices_of(self, worker_id: str) -> list[str] | None:
+        if not self.groups:
+            return None
+        visible = [token for group in self.groups for token in group]
+        per_worker = self.settings.gpus_per_worker or 1
+        return assign(visible, per_worker, self.workers, worker_index(worker_id), self.settings.pack)
+
+    def group_of(self, worker_id: str) -> int:
+        return worker_index(worker_id) % max(1, len(self.groups))
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_newgateway(self, gateway: Any) -> None:
+        devices = self.devices_of(gateway.id)
+        if devices is None:
+            return
+        # Runs in the worker's process before pytest is even imported there, so before CUDA can start.
+        channel = gateway.remote_exec("import os\nname, value = channel.receive()\nos.environ[name] = value\n")
+        channel.send((ENV, ",".join(devices)))
+        channel.waitclose(60)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node: Any) -> None:
+        devices = self.devices_of(node.gateway.id)
+        node.workerinput[DEVICES_KEY] = None if devices is None else ",".join(devices)
+        node.workerinput[SHARED_KEY] = str(self.shared)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_make_scheduler(self, config: pytest.Config, log: Any) -> PackingScheduling | None:
+        if not self.settings.pack:
+            return None
+        try:
+            self.facts = self._device_facts()
+        except ProbeError as exc:
+            raise pytest.UsageError(str(exc)) from None
+        margin = self.settings.pack_margin
+        usable: dict[Hashable, int] = {group: f.total - margin.allowed(f.total) for group, f in enumerate(self.facts)}
+        resident = max((f.resident or 0) for f in self.facts)
+        self.scheduler = PackingScheduling(
+            self.workers,
+            lambda node: self.group_of(node.gateway.id),
+            usable,
+            self._demand,
+            resident,
+            log=getattr(log, "gpumem", None),
+        )
+        return self.scheduler
+
+    def _device_facts(self) -> list[DeviceFacts]:
+        if self.backend == "cuda":
+            facts = probe(self.groups)
+            if self.settings.pack_capacity is not None:
+                facts = [DeviceFacts(f.hardware, self.settings.pack_capacity, f.resident) for f in facts]
+            return facts
+        return [DeviceFacts("cpu", self.settings.pack_capacity or physical_memory(), 0)]
+
+    def _demand(self, nodeid: str) -> Demand:
+        if nodeid in _read_exclusive(self.shared):
+            return Demand(None, alone=True, reason="exclusive")
+        hardware = self.facts[0].hardware if self.facts else "cpu"
+        baseline = self.store.lookup(hardware, nodeid)
+        if baseline is None:
+            return Demand(None, alone=True, reason="no baseline")
+        return Demand(need(baseline))
+
+    # -- what the workers report
+
+    def observe(self, report: pytest.TestReport, result: TestResult) -> None:
+        """A worker's result: what that worker keeps resident, as measured when the test began."""
+        node = getattr(report, "node", None)
+        if self.scheduler is None or node is None:
+            return
+        before = result.sample.before
+        if before.get("device"):
+            resident = max(before["device"].values())  # NVML's count of the worker's own process
+        else:
+            base = max((f.resident or 0) for f in self.facts) if self.facts else 0
+            resident = base + max(before.get("reserved", before.get("allocated", {})).values(), default=0)
+        self.scheduler.set_resident(node, resident)
+
+    def retry_alone(self, report: pytest.TestReport, result: TestResult) -> bool:
+        """Whether the test ran out of memory beside other tests and is queued again to run alone."""
+        if self.scheduler is None or result.verdict.oom is None or report.nodeid in self.retried:
+            return False
+        if not self.scheduler.retry_alone(report.nodeid):
+            return False
+        self.retried[report.nodeid] = result
+        return True
+
+    def cleanup(self) -> None:
+        for path in self.shared.glob("*"):
+            path.unlink(missing_ok=True)
+        self.shared.rmdir()
+
+
+def need(baseline: Baseline) -> int:
+    """What a test needs above what its worker keeps resident: the largest peak its baseline recorded, over
+    its phases, metrics and devices (reserved and device use count, not only allocated bytes)."""
+    peaks = [baseline.metrics, *baseline.phases.values()]
+    return max((n for phase in peaks for per_device in phase.values() for n in per_device.values()), default=0)
+
+
+def _read_exclusive(shared: Path) -> set[str]:
+    for path in sorted(shared.glob(f"*-{EXCLUSIVE}")):
+        try:
+            return set(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            continue
+    return set()
+
+
+class Worker:
+    """A worker's side: check the pinning, and share which tests must run alone."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.workerinput: dict[str, Any] = config.workerinput  # type: ignore[attr-defined]
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_configure(self, config: pytest.Config) -> None:
+        devices = self.workerinput.get(DEVICES_KEY)
+        if devices is None or os.environ.get(ENV) == devices:
+            return
+        import torch
+
+        if torch.cuda.is_initialized():
+            raise pytest.UsageError(
+                f"--gpumem-gpus-per-worker: CUDA started in worker {self.workerinput['workerid']} before it "
+                f"could be pinned to GPU(s) {devices} (a conftest that uses CUDA at import?)"
+            )
+        os.environ[ENV] = devices
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        """Before pytest-xdist tells the controller the collection is done (so the scheduler can read it)."""
+        shared = self.workerinput.get(SHARED_KEY)
+        if not shared:
+            return
+        exclusive = sorted(
+            item.nodeid
+            for item in session.items
+            if (marker := item.get_closest_marker("gpumem")) is not None and marker.kwargs.get("exclusive") is True
+        )
+        write_atomic(Path(shared) / f"{self.workerinput['workerid']}-{EXCLUSIVE}", json.dumps(exclusive))

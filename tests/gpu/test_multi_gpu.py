@@ -1,0 +1,146 @@
+"""Many GPUs on a real machine: workers pinned to their own GPUs, workers packed onto shared ones, a model
+spread over two GPUs, and one process per GPU. Each runs an inner suite in a fresh pytest process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+pytestmark = pytest.mark.skipif(GPUS < 1, reason="needs a CUDA GPU")
+two_gpus = pytest.mark.skipif(GPUS < 2, reason=f"needs 2 CUDA GPUs; {GPUS} visible")
+xdist = pytest.importorskip("xdist")
+ROOT = Path(__file__).resolve().parent.parent.parent
+MiB = 2**20
+
+
+def run(where: Path, *args: str, expect: int = 0) -> tuple[dict, str]:
+    out = where / "out.json"
+    out.unlink(missing_ok=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--gpumem-backend=cuda", f"--gpumem-json={out}",
+         f"--gpumem-baselines={where / 'baselines'}", *args],
+        cwd=where, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == expect, done.stdout[-6000:] + done.stderr[-3000:]
+    tests = {t["nodeid"]: t for t in json.loads(out.read_text())["tests"]} if out.exists() else {}
+    return tests, done.stdout
+
+
+def write(where: Path, name: str, source: str) -> None:
+    (where / name).write_text(textwrap.dedent(source))
+
+
+@two_gpus
+def test_each_pinned_worker_sees_its_own_gpu(tmp_path):
+    write(
+        tmp_path,
+        "test_inner_pinned.py",
+        """
+        import json, os, pathlib, time
+        import pytest, torch
+
+        @pytest.mark.gpumem
+        @pytest.mark.parametrize("n", range(4))
+        def test_where(n, worker_id):
+            torch.ones(2**20, device="cuda")
+            seen = {"visible": os.environ["CUDA_VISIBLE_DEVICES"], "count": torch.cuda.device_count(),
+                    "uuid": str(torch.cuda.get_device_properties(0).uuid)}
+            pathlib.Path(f"{worker_id}-{n}.json").write_text(json.dumps(seen))
+            time.sleep(1)
+    """,
+    )
+    run(tmp_path, "-n", "2", "--gpumem-gpus-per-worker=1")
+    seen = [json.loads(p.read_text()) for p in tmp_path.glob("gw*-*.json")]
+    by_worker = {}
+    for path in tmp_path.glob("gw*-*.json"):
+        by_worker.setdefault(path.name.split("-")[0], set()).add(json.loads(path.read_text())["uuid"])
+    assert all(s["count"] == 1 for s in seen)
+    assert len(by_worker) == 2 and all(len(u) == 1 for u in by_worker.values())
+    assert len(set.union(*by_worker.values())) == 2  # two workers, two different GPUs
+
+
+def test_packed_workers_measure_what_a_serial_run_measures(tmp_path):
+    """On whatever GPUs there are: the example suite serially (recording baselines), then packed with two
+    workers per GPU; every test's allocated peak is the same, and `device` counts each worker's own use."""
+    args = [str(ROOT / "examples"), "--model-sizes=tiny", f"--rootdir={ROOT}", "-c", str(ROOT / "pyproject.toml")]
+    serial, _ = run(tmp_path, *args, "--gpumem-update-baselines")
+    packed, out = run(tmp_path, *args, "-n", str(2 * GPUS), "--gpumem-pack")
+    assert "packed by stored peaks" in out
+    assert set(serial) == set(packed) and len(serial) >= 8
+    for nodeid, test in serial.items():
+        assert packed[nodeid]["sample"]["phases"]["call"]["allocated"] == test["sample"]["phases"]["call"]["allocated"]
+        if "device" in packed[nodeid]["sample"]["before"]:  # NVML lists the worker's process: its own use
+            own = max(packed[nodeid]["sample"]["before"]["device"].values())
+            assert 100 * MiB < own < 8 * 2**30, (nodeid, own)  # a context and a model, not the whole device
+
+
+@two_gpus
+def test_a_model_spread_over_two_gpus_reports_both(tmp_path):
+    write(
+        tmp_path,
+        "test_inner_device_map.py",
+        """
+        import pytest
+
+        @pytest.mark.gpumem
+        def test_qlora_over_two_gpus(quantized_model, lora, train_step):
+            model = quantized_model("llama", size="1b", quant="nf4", device_map="auto")
+            assert len(set(model.hf_device_map.values())) == 2, model.hf_device_map
+            model = lora(model, r=16, gradient_checkpointing=True)
+            train_step(model, batch=2, seq=512, steps=2)
+    """,
+    )
+    tests, _ = run(tmp_path)
+    (test,) = tests.values()
+    allocated = test["sample"]["phases"]["call"]["allocated"]
+    assert set(allocated) == {"cuda:0", "cuda:1"}
+    assert min(allocated.values()) > 100 * MiB, allocated  # both hold layers and their activations
+    print(json.dumps(allocated))
+
+
+@two_gpus
+def test_two_ranks_report_their_own_peaks_and_the_regressed_one_is_named(tmp_path):
+    write(
+        tmp_path,
+        "test_inner_ranks_gpu.py",
+        """
+        import os
+        import pytest, torch, torch.distributed as dist
+
+        def work(rank, extra):
+            torch.cuda.set_device(rank)
+            dist.init_process_group("nccl", rank=rank, world_size=2,
+                                    init_method="tcp://127.0.0.1:29533", device_id=torch.device("cuda", rank))
+            mib = (rank + 1) * 256 + (extra if rank == 1 else 0)
+            x = torch.ones(mib * 2**20 // 4, device="cuda")
+            dist.all_reduce(x)
+            torch.cuda.synchronize()
+            dist.destroy_process_group()
+
+        @pytest.mark.gpumem
+        def test_ddp(gpumem):
+            gpumem.spawn(work, nprocs=2, args=(int(os.environ.get("EXTRA_MIB", "0")),))
+    """,
+    )
+    tests, _ = run(tmp_path, "--gpumem-update-baselines")
+    (test,) = tests.values()
+    allocated = test["sample"]["phases"]["call"]["allocated"]
+    assert set(allocated) >= {"rank0:cuda:0", "rank1:cuda:1"}, allocated
+    assert allocated["rank0:cuda:0"] >= 256 * MiB and allocated["rank1:cuda:1"] >= 512 * MiB
+    assert allocated["rank1:cuda:1"] - allocated["rank0:cuda:0"] == 256 * MiB  # each rank's own peak, exactly
+
+    grown = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--gpumem-backend=cuda",
+         f"--gpumem-baselines={tmp_path / 'baselines'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "EXTRA_MIB": "128"},
+    )  # fmt: skip
+    assert grown.returncode == 1, grown.stdout[-4000:]
+    assert "rank1:cuda:1" in grown.stdout and "regression" in grown.stdout, grown.stdout[-4000:]
