@@ -144,3 +144,30 @@ def test_two_ranks_report_their_own_peaks_and_the_regressed_one_is_named(tmp_pat
     )  # fmt: skip
     assert grown.returncode == 1, grown.stdout[-4000:]
     assert "rank1:cuda:1" in grown.stdout and "regression" in grown.stdout, grown.stdout[-4000:]
+
+
+def test_a_test_that_runs_out_of_memory_beside_another_is_retried_alone(tmp_path):
+    """Two workers on one GPU, told it holds twice its memory: two tests of 55% each are admitted side by
+    side, the second to allocate runs out of memory for real, and runs again alone, and passes."""
+    write(
+        tmp_path,
+        "test_inner_crowded.py",
+        """
+        import time
+        import pytest, torch
+
+        @pytest.mark.gpumem
+        @pytest.mark.parametrize("n", range(4))
+        def test_half_and_more(n):
+            total = torch.cuda.get_device_properties(0).total_memory
+            x = torch.empty(int(total * 0.55), dtype=torch.uint8, device="cuda")
+            time.sleep(3)
+    """,
+    )
+    run(tmp_path, "--gpumem-update-baselines")
+    total = torch.cuda.get_device_properties(0).total_memory
+    tests, out = run(tmp_path, "-n", "2", "--gpumem-pack", f"--gpumem-pack-capacity={2 * total}")
+    assert " rerun" in out and "4 passed" in out, out[-3000:]
+    assert "retried alone" in out and "ran out of memory beside other tests" in out, out[-3000:]
+    retried = [t for t in tests.values() if t.get("retried")]
+    assert retried and all(t["retried"]["status"] == "oom" and t["verdict"]["status"] == "ok" for t in retried)
