@@ -64,6 +64,7 @@ class PackingScheduling:
         demand: Callable[[str], Demand],
         resident: int,
         log: Callable[..., None] | None = None,
+        mismatch: Callable[[Node, list[str], Node, list[str]], None] | None = None,
     ) -> None:
         self.numnodes = numnodes
         self._device_of = device_of
@@ -71,6 +72,7 @@ class PackingScheduling:
         self._demand = demand
         self._default_resident = resident
         self._log = log or (lambda *args: None)
+        self._mismatch = mismatch or (lambda *args: None)  # reports workers that collected different tests
         self.node2collection: dict[Node, list[str]] = {}
         self.node2pending: dict[Node, list[int]] = {}
         self.collection: list[str] | None = None
@@ -111,18 +113,24 @@ class PackingScheduling:
     def add_node_collection(self, node: Node, collection: Sequence[str]) -> None:
         assert node in self.node2pending
         if self.collection is not None and list(collection) != self.collection:
-            self._log("a restarted worker collected other tests; it gets none")
+            # A worker started in place of one that died collected other tests: it can run none of ours.
+            self._mismatch(next(iter(self.node2collection)), self.collection, node, list(collection))
+            node.shutdown()
+            del self.node2pending[node]
+            self.resident.pop(node, None)
             return
         self.node2collection[node] = list(collection)
 
     def schedule(self) -> None:
         assert self.collection_is_completed
         if self.collection is None:
-            collections = list(self.node2collection.values())
-            if any(c != collections[0] for c in collections[1:]):
-                self._log("workers collected different tests; nothing is scheduled")
-                return
-            self.collection = collections[0]
+            (first, collection), *others = self.node2collection.items()
+            differ = [(node, other) for node, other in others if other != collection]
+            for node, other in differ:
+                self._mismatch(first, collection, node, other)
+            if differ:
+                return  # as pytest-xdist's own schedulers do: nothing runs, the collection errors say why
+            self.collection = collection
             self.demands = [self._demand(nodeid) for nodeid in self.collection]
             self.pending = sorted(range(len(self.collection)), key=self._order)
         self._fill()

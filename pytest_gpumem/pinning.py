@@ -56,3 +56,13 @@ def assign(devices: list[str], per_worker: int, workers: int, worker: int, share
             f"{len(devices)} visible: use -n {len(found)} (or -n auto), or --gpumem-pack to let workers share GPUs"
         )
     return found[worker % len(found)]
+
+
+def group_for(worker: int, workers: int, count: int, live: list[int]) -> int:
+    """The group of worker number ``worker``: ``worker mod count`` for the ``workers`` started with the run;
+    one that pytest-xdist started in place of a worker that died (numbered on, past them) takes the group
+    with the fewest ``live`` workers (the groups of the workers still running), so pinned workers still
+    never share a GPU."""
+    if worker < workers:
+        return worker % count
+    return min(range(count), key=lambda group: (live.count(group), group))

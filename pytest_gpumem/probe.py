@@ -52,12 +52,25 @@ def probe(groups: list[list[str]], timeout: float = 180) -> list[DeviceFacts]:
             )
         )
     facts = []
-    for devices, run in zip(groups, runs, strict=True):
-        out, err = run.communicate(timeout=timeout)
-        if run.returncode != 0:
-            last = (err.strip().splitlines() or ["no output"])[-1]
-            raise ProbeError(f"probing GPU(s) {','.join(devices)} for --gpumem-pack failed: {last}")
-        facts.append(DeviceFacts(**json.loads(out.strip().splitlines()[-1])))
+    try:
+        for devices, run in zip(groups, runs, strict=True):
+            where = f"probing GPU(s) {','.join(devices)} for --gpumem-pack"
+            try:
+                out, err = run.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                raise ProbeError(f"{where}: no answer within {timeout:.0f} s") from None
+            if run.returncode != 0:
+                last = (err.strip().splitlines() or ["no output"])[-1]
+                raise ProbeError(f"{where} failed: {last}")
+            try:
+                facts.append(DeviceFacts(**json.loads(out.strip().splitlines()[-1])))
+            except (IndexError, ValueError, TypeError):
+                raise ProbeError(f"{where}: unreadable answer {out.strip()[-200:]!r}") from None
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                run.kill()
+                run.wait()
     return facts
 
 

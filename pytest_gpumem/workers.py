@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import pytest
 
 from .meters import resolve_backend
 from .packing import Demand, PackingScheduling
-from .pinning import ENV, PinningError, assign, groups, visible_devices, worker_index
+from .pinning import ENV, PinningError, assign, group_for, groups, visible_devices, worker_index
 from .probe import DeviceFacts, ProbeError, physical_memory, probe
 from .sample import Baseline, TestResult
 from .settings import Settings
@@ -32,6 +33,7 @@ from .store import BaselineStore, write_atomic
 
 DEVICES_KEY = "gpumem_devices"  # workerinput: the CUDA_VISIBLE_DEVICES a worker must see
 SHARED_KEY = "gpumem_shared"  # workerinput: the directory workers leave their collection's facts in
+PACK_KEY = "gpumem_pack"  # workerinput: whether the controller packs tests onto shared GPUs
 EXCLUSIVE = "exclusive.json"
 
 
@@ -46,7 +48,9 @@ def is_xdist_run(config: pytest.Config) -> bool:
 
 
 def worker_count(config: pytest.Config) -> int:
-    return len(config.getoption("tx", None) or [])
+    from xdist.workermanage import parse_tx_spec_config
+
+    return len(parse_tx_spec_config(config))  # -n 2 and --tx 2*popen alike
 
 
 def visible_gpus() -> list[str]:
@@ -67,6 +71,7 @@ class Controller:
     """The controller's side: pinning, and the packing scheduler."""
 
     def __init__(self, config: pytest.Config, settings: Settings, store: BaselineStore) -> None:
+        self.config = config
         self.settings = settings
         self.store = store
         self.backend = resolve_backend(settings.backend)
@@ -84,6 +89,8 @@ class Controller:
         self.scheduler: PackingScheduling | None = None
         self.facts: list[DeviceFacts] = []
         self.retried: dict[str, TestResult] = {}  # nodeid -> the result of its run beside other tests
+        self.group_by_worker: dict[str, int] = {}
+        self.down: set[str] = set()  # workers that left
 
     def describe(self) -> str:
         """The header line: how the workers are pinned, and whether they pack."""
@@ -97,14 +104,23 @@ class Controller:
         return f"{pinned}, packed by stored peaks with a margin of {self.settings.pack_margin}"
 
     def devices_of(self, worker_id: str) -> list[str] | None:
-        if not self.groups:
-            return None
-        visible = [token for group in self.groups for token in group]
-        per_worker = self.settings.gpus_per_worker or 1
-        return assign(visible, per_worker, self.workers, worker_index(worker_id), self.settings.pack)
+        return self.groups[self.group_of(worker_id)] if self.groups else None
 
     def group_of(self, worker_id: str) -> int:
-        return worker_index(worker_id) % max(1, len(self.groups))
+        """Worker K's group is K mod the number of groups; a worker started in place of one that died
+        (pytest-xdist numbers it on, past -n) takes the group with the fewest live workers."""
+        if worker_id not in self.group_by_worker:
+            try:
+                index = worker_index(worker_id)
+            except PinningError as exc:
+                raise pytest.UsageError(f"--tx: {exc}: pinning needs pytest-xdist's own gw<N> ids") from None
+            live = [g for w, g in self.group_by_worker.items() if w not in self.down]
+            self.group_by_worker[worker_id] = group_for(index, self.workers, max(1, len(self.groups)), live)
+        return self.group_by_worker[worker_id]
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        self.down.add(node.gateway.id)
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_xdist_newgateway(self, gateway: Any) -> None:
@@ -121,6 +137,7 @@ class Controller:
         devices = self.devices_of(node.gateway.id)
         node.workerinput[DEVICES_KEY] = None if devices is None else ",".join(devices)
         node.workerinput[SHARED_KEY] = str(self.shared)
+        node.workerinput[PACK_KEY] = self.settings.pack
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_xdist_make_scheduler(self, config: pytest.Config, log: Any) -> PackingScheduling | None:
@@ -132,16 +149,35 @@ class Controller:
             raise pytest.UsageError(str(exc)) from None
         margin = self.settings.pack_margin
         usable: dict[Hashable, int] = {group: f.total - margin.allowed(f.total) for group, f in enumerate(self.facts)}
-        resident = max((f.resident or 0) for f in self.facts)
         self.scheduler = PackingScheduling(
             self.workers,
             lambda node: self.group_of(node.gateway.id),
             usable,
             self._demand,
-            resident,
+            self.resident,
             log=getattr(log, "gpumem", None),
+            mismatch=self._report_mismatch,
         )
         return self.scheduler
+
+    @property
+    def resident(self) -> int:
+        """What a worker keeps resident before its first test: as the probe measured it, or, where NVML
+        could not see the probe's process, the CUDA context and workspaces measured on an H200."""
+        measured = [f.resident for f in self.facts if f.resident is not None]
+        if measured or self.backend != "cuda":
+            return max(measured, default=0)
+        from .gpus import DEFAULT_GPU, find_gpu
+
+        return find_gpu(DEFAULT_GPU, "--gpumem-pack").context
+
+    def _report_mismatch(self, first: Any, expected: list[str], node: Any, collected: list[str]) -> None:
+        """A worker collected other tests than the first: a collection error, as pytest-xdist reports it."""
+        from xdist.report import report_collection_diff
+
+        message = report_collection_diff(expected, collected, first.gateway.id, node.gateway.id)
+        report = pytest.CollectReport(node.gateway.id, "failed", longrepr=message, result=[])
+        self.config.hook.pytest_collectreport(report=report)
 
     def _device_facts(self) -> list[DeviceFacts]:
         if self.backend == "cuda":
@@ -171,8 +207,7 @@ class Controller:
         if before.get("device"):
             resident = max(before["device"].values())  # NVML's count of the worker's own process
         else:
-            base = max((f.resident or 0) for f in self.facts) if self.facts else 0
-            resident = base + max(before.get("reserved", before.get("allocated", {})).values(), default=0)
+            resident = self.resident + max(before.get("reserved", before.get("allocated", {})).values(), default=0)
         self.scheduler.set_resident(node, resident)
 
     def retry_alone(self, report: pytest.TestReport, result: TestResult) -> bool:
@@ -192,9 +227,16 @@ class Controller:
 
 def need(baseline: Baseline) -> int:
     """What a test needs above what its worker keeps resident: the largest peak its baseline recorded, over
-    its phases, metrics and devices (reserved and device use count, not only allocated bytes)."""
-    peaks = [baseline.metrics, *baseline.phases.values()]
-    return max((n for phase in peaks for per_device in phase.values() for n in per_device.values()), default=0)
+    its phases, metrics and devices (reserved and device use count, not only allocated bytes). The ranks a
+    test starts add to its own process on the device they name (``rank1:cuda:0`` counts on ``cuda:0``)."""
+    largest = 0
+    for phase in [baseline.metrics, *baseline.phases.values()]:
+        for per_device in phase.values():
+            summed: Counter[str] = Counter()
+            for device, nbytes in per_device.items():
+                summed[device.split(":", 1)[1] if device.startswith("rank") else device] += nbytes
+            largest = max(largest, *summed.values(), 0)
+    return largest
 
 
 def _read_exclusive(shared: Path) -> set[str]:
@@ -214,6 +256,10 @@ class Worker:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_configure(self, config: pytest.Config) -> None:
+        if self.workerinput.get(PACK_KEY):
+            # A packed test that runs out of memory may be retried alone: whether it failed is the
+            # controller's call, which still enforces -x/--maxfail; a worker would stop at the first.
+            config.option.maxfail = 0
         devices = self.workerinput.get(DEVICES_KEY)
         if devices is None or os.environ.get(ENV) == devices:
             return

@@ -192,3 +192,33 @@ def test_a_worker_is_charged_what_it_keeps_resident():
     sched.set_resident(nodes[1], 60 * MiB)
     _ran, most = run(sched, nodes, device_of, resident=60 * MiB)
     assert most == 1
+
+
+def test_workers_that_collected_different_tests_run_nothing_and_say_so():
+    nodes = [FakeNode("gw0"), FakeNode("gw1")]
+    seen = []
+    sched = PackingScheduling(
+        2, lambda n: "0", {"0": 100 * MiB}, lambda i: Demand(MiB), 0, mismatch=lambda *a: seen.append(a)
+    )
+    for node in nodes:
+        sched.add_node(node)
+    sched.add_node_collection(nodes[0], ["a", "b"])
+    sched.add_node_collection(nodes[1], ["a", "c"])
+    sched.schedule()
+    assert [(a.name, b.name) for a, _, b, _ in seen] == [("gw0", "gw1")]
+    assert not nodes[0].queue and not nodes[1].queue
+
+
+def test_a_worker_started_in_place_of_a_dead_one_takes_a_free_group():
+    from pytest_gpumem.pinning import group_for
+
+    assert [group_for(w, 4, 2, []) for w in range(4)] == [0, 1, 0, 1]
+    assert group_for(2, 2, 2, live=[0]) == 1  # gw1 (GPU 1) died; its replacement gw2 gets GPU 1, not GPU 0
+
+
+def test_a_test_needs_what_its_ranks_take_on_one_device_together():
+    from pytest_gpumem.sample import Baseline
+    from pytest_gpumem.workers import need
+
+    peaks = {"allocated": {"cuda:0": 10 * MiB, "rank0:cuda:0": 30 * MiB, "rank1:cuda:1": 35 * MiB}}
+    assert need(Baseline(peaks, {"call": peaks}, software={}, recorded="", backend="cuda")) == 40 * MiB

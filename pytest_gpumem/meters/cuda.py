@@ -62,7 +62,9 @@ def process_used(handles: list[Any]) -> list[int] | None:
     used = []
     for handle in handles:
         processes = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
-        used.append(next((int(p.usedGpuMemory or 0) for p in processes if p.pid == pid), -1))
+        # usedGpuMemory is None where NVML cannot tell a process's use (MIG, some vGPUs): unknown, not 0.
+        mine = [p.usedGpuMemory for p in processes if p.pid == pid]
+        used.append(int(mine[0]) if mine and mine[0] is not None else -1)
     if all(n < 0 for n in used):
         return None
     return [max(n, 0) for n in used]
