@@ -167,6 +167,8 @@ class GpuMemPlugin:
         ]
         if self.controller is not None:
             lines.append("gpumem: " + self.controller.describe())
+        elif self.settings.pack or self.settings.gpus_per_worker:
+            lines.append("gpumem: --gpumem-pack and --gpumem-gpus-per-worker act on pytest-xdist workers (-n N)")
         return lines
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)

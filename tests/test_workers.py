@@ -113,3 +113,13 @@ def test_pinning_needs_enough_gpus(pytester):
     result = pytester.runpytest_subprocess("-n", "2", "--gpumem-gpus-per-worker=1", "--gpumem-backend=cuda")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--gpumem-backend cuda: no CUDA device is visible*"])
+
+
+def test_bad_gpu_counts_and_packing_without_workers_are_said(pytester):
+    pytester.makepyfile(test_one="def test_one(): pass")
+    bad = pytester.runpytest("--gpumem-gpus-per-worker=0")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(["*--gpumem-gpus-per-worker: '0' is not a whole number of GPUs (1 or more)*"])
+    alone = pytester.runpytest("--gpumem-pack")
+    alone.assert_outcomes(passed=1)
+    alone.stdout.fnmatch_lines(["gpumem: --gpumem-pack and --gpumem-gpus-per-worker act on pytest-xdist workers*"])

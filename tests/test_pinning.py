@@ -1,0 +1,50 @@
+"""Which GPUs each pytest-xdist worker gets: pure functions, fed given GPU lists."""
+
+from __future__ import annotations
+
+import pytest
+
+from pytest_gpumem.pinning import PinningError, assign, groups, visible_devices, worker_index
+
+
+@pytest.mark.parametrize(
+    ("environ", "count", "expected"),
+    [
+        ({}, 4, ["0", "1", "2", "3"]),
+        ({"CUDA_VISIBLE_DEVICES": "2,3"}, 2, ["2", "3"]),
+        ({"CUDA_VISIBLE_DEVICES": "GPU-aa, GPU-bb"}, 2, ["GPU-aa", "GPU-bb"]),
+        ({"CUDA_VISIBLE_DEVICES": ""}, 0, []),
+    ],
+)
+def test_the_controllers_gpus_are_named_as_cuda_visible_devices_names_them(environ, count, expected):
+    assert visible_devices(environ, count) == expected
+
+
+def test_groups_leave_gpus_over():
+    assert groups(["0", "1", "2", "3", "4"], 2) == [["0", "1"], ["2", "3"]]
+
+
+@pytest.mark.parametrize(
+    ("per_worker", "workers", "shared", "expected"),
+    [
+        (1, 4, False, [["0"], ["1"], ["2"], ["3"]]),
+        (2, 2, False, [["0", "1"], ["2", "3"]]),
+        (1, 8, True, [["0"], ["1"], ["2"], ["3"]] * 2),  # packing: two workers per GPU
+    ],
+)
+def test_each_worker_gets_its_group(per_worker, workers, shared, expected):
+    gpus = ["0", "1", "2", "3"]
+    assert [assign(gpus, per_worker, workers, w, shared) for w in range(workers)] == expected
+
+
+def test_more_workers_than_gpus_is_an_error_that_says_what_fits():
+    with pytest.raises(PinningError, match=r"with 3 workers needs 6 GPUs; 4 visible: use -n 2"):
+        assign(["0", "1", "2", "3"], 2, 3, 0, shared=False)
+    with pytest.raises(PinningError, match=r"only 1 GPU\(s\) visible \(0\)"):
+        assign(["0"], 2, 1, 0, shared=True)
+
+
+def test_worker_ids():
+    assert worker_index("gw12") == 12
+    with pytest.raises(PinningError, match="'foo'"):
+        worker_index("foo")
