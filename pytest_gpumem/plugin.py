@@ -102,7 +102,7 @@ def settings_of(config: pytest.Config) -> Settings:
     return plugin.settings if plugin is not None else Settings()
 
 
-def pytest_report_teststatus(report: pytest.TestReport) -> tuple[str, str, str] | None:
+def pytest_report_teststatus(report: pytest.TestReport) -> tuple[str, str, str | tuple[str, dict[str, bool]]] | None:
     if getattr(report, "gpumem_retried", False):
         return "rerun", "R", ("RERUN", {"yellow": True})  # ran out of memory beside other tests; runs again alone
     if getattr(report, "gpumem_failed", False):
@@ -174,8 +174,8 @@ class GpuMemPlugin:
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> Any:
         for key in (OOM, LEAK, MARKER_ERROR):  # a test run again (retried alone) starts afresh
-            if key in item.stash:
-                del item.stash[key]
+            if key in item.stash:  # type: ignore[misc]
+                del item.stash[key]  # type: ignore[misc]
         if not self._is_measured(item):
             return (yield)
         marker = item.get_closest_marker("gpumem")
