@@ -55,9 +55,10 @@ def main() -> None:
 
         for size in options.model_sizes.split(","):  # where the example suite's model fixture finds them
             ensure_checkpoint(ROOT / ".pytest_cache" / "d" / "gpumem-models", "llama", size.strip())
-        runs = {"serial": ["--gpumem-update-baselines"]}
-        if gpus > 1:
-            runs[f"pinned: -n {gpus} --gpumem-gpus-per-worker 1"] = ["-n", str(gpus), "--gpumem-gpus-per-worker=1"]
+        runs = {
+            "serial": ["--gpumem-update-baselines"],
+            f"pinned: -n {gpus} --gpumem-gpus-per-worker 1": ["-n", str(gpus), "--gpumem-gpus-per-worker=1"],
+        }
         runs[f"packed: -n {2 * gpus} --gpumem-pack"] = ["-n", str(2 * gpus), "--gpumem-pack"]
         results = {
             label: pytest_run(label.split(":")[0], work, options.model_sizes, *args) for label, args in runs.items()

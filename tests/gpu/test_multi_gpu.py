@@ -38,8 +38,8 @@ def write(where: Path, name: str, source: str) -> None:
     (where / name).write_text(textwrap.dedent(source))
 
 
-@two_gpus
 def test_each_pinned_worker_sees_its_own_gpu(tmp_path):
+    """One worker per GPU, whatever their number: each sees exactly one, and no two see the same."""
     write(
         tmp_path,
         "test_inner_pinned.py",
@@ -57,14 +57,14 @@ def test_each_pinned_worker_sees_its_own_gpu(tmp_path):
             time.sleep(1)
     """,
     )
-    run(tmp_path, "-n", "2", "--gpumem-gpus-per-worker=1")
+    run(tmp_path, "-n", str(GPUS), "--gpumem-gpus-per-worker=1")
     seen = [json.loads(p.read_text()) for p in tmp_path.glob("gw*-*.json")]
-    by_worker = {}
+    by_worker: dict[str, set[str]] = {}
     for path in tmp_path.glob("gw*-*.json"):
         by_worker.setdefault(path.name.split("-")[0], set()).add(json.loads(path.read_text())["uuid"])
-    assert all(s["count"] == 1 for s in seen)
-    assert len(by_worker) == 2 and all(len(u) == 1 for u in by_worker.values())
-    assert len(set.union(*by_worker.values())) == 2  # two workers, two different GPUs
+    assert len(seen) == 4 and all(s["count"] == 1 and s["visible"] for s in seen)
+    assert len(by_worker) == GPUS and all(len(u) == 1 for u in by_worker.values())
+    assert len(set.union(*by_worker.values())) == GPUS  # as many workers as GPUs, each on its own
 
 
 def test_packed_workers_measure_what_a_serial_run_measures(tmp_path):
@@ -106,36 +106,43 @@ def test_a_model_spread_over_two_gpus_reports_both(tmp_path):
     print(json.dumps(allocated))
 
 
-@two_gpus
-def test_two_ranks_report_their_own_peaks_and_the_regressed_one_is_named(tmp_path):
-    write(
-        tmp_path,
-        "test_inner_ranks_gpu.py",
-        """
-        import os
-        import pytest, torch, torch.distributed as dist
+RANKS = """
+import os
+import pytest, torch, torch.distributed as dist
 
-        def work(rank, extra):
-            torch.cuda.set_device(rank)
-            dist.init_process_group("nccl", rank=rank, world_size=2,
-                                    init_method="tcp://127.0.0.1:29533", device_id=torch.device("cuda", rank))
-            mib = (rank + 1) * 256 + (extra if rank == 1 else 0)
-            x = torch.ones(mib * 2**20 // 4, device="cuda")
-            dist.all_reduce(x)
-            torch.cuda.synchronize()
-            dist.destroy_process_group()
+SHARED = {shared}  # both ranks on GPU 0 (gloo between them), else rank R on GPU R (NCCL)
 
-        @pytest.mark.gpumem
-        def test_ddp(gpumem):
-            gpumem.spawn(work, nprocs=2, args=(int(os.environ.get("EXTRA_MIB", "0")),))
-    """,
-    )
+def work(rank, extra):
+    device = 0 if SHARED else rank
+    torch.cuda.set_device(device)
+    dist.init_process_group("gloo" if SHARED else "nccl", rank=rank, world_size=2,
+                            init_method="tcp://127.0.0.1:{port}")
+    mib = (rank + 1) * 256 + (extra if rank == 1 else 0)
+    x = torch.ones(mib * 2**20 // 4, device="cuda")
+    dist.all_reduce(x[:1024].cpu() if SHARED else x)
+    torch.cuda.synchronize()
+    dist.destroy_process_group()
+
+@pytest.mark.gpumem
+def test_ddp(gpumem):
+    gpumem.spawn(work, nprocs=2, args=(int(os.environ.get("EXTRA_MIB", "0")),))
+"""
+
+
+@pytest.mark.parametrize(
+    "shared",
+    [pytest.param(False, id="a-gpu-per-rank", marks=two_gpus), pytest.param(True, id="ranks-sharing-gpu0")],
+)
+def test_two_ranks_report_their_own_peaks_and_the_regressed_one_is_named(tmp_path, shared):
+    (tmp_path / "test_inner_ranks_gpu.py").write_text(RANKS.format(shared=shared, port=29533 + shared))
     tests, _ = run(tmp_path, "--gpumem-update-baselines")
     (test,) = tests.values()
     allocated = test["sample"]["phases"]["call"]["allocated"]
-    assert set(allocated) >= {"rank0:cuda:0", "rank1:cuda:1"}, allocated
-    assert allocated["rank0:cuda:0"] >= 256 * MiB and allocated["rank1:cuda:1"] >= 512 * MiB
-    assert allocated["rank1:cuda:1"] - allocated["rank0:cuda:0"] == 256 * MiB  # each rank's own peak, exactly
+    first, second = ("rank0:cuda:0", "rank1:cuda:0") if shared else ("rank0:cuda:0", "rank1:cuda:1")
+    assert set(allocated) >= {first, second}, allocated
+    assert allocated[first] >= 256 * MiB and allocated[second] >= 512 * MiB
+    assert allocated[second] - allocated[first] == 256 * MiB  # each rank's own peak, exactly
+    print(json.dumps(allocated))
 
     grown = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--gpumem-backend=cuda",
@@ -143,7 +150,7 @@ def test_two_ranks_report_their_own_peaks_and_the_regressed_one_is_named(tmp_pat
         cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "EXTRA_MIB": "128"},
     )  # fmt: skip
     assert grown.returncode == 1, grown.stdout[-4000:]
-    assert "rank1:cuda:1" in grown.stdout and "regression" in grown.stdout, grown.stdout[-4000:]
+    assert second in grown.stdout and "regression" in grown.stdout, grown.stdout[-4000:]
 
 
 def test_a_test_that_runs_out_of_memory_beside_another_is_retried_alone(tmp_path):
