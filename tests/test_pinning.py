@@ -1,10 +1,14 @@
-"""Which GPUs each pytest-xdist worker gets: pure functions, fed given GPU lists."""
+"""Which GPUs each pytest-xdist worker gets: pure functions fed given GPU lists, and the controller's
+hook that pins a worker's process."""
 
 from __future__ import annotations
 
 import pytest
 
+from pytest_gpumem import workers
 from pytest_gpumem.pinning import PinningError, assign, groups, visible_devices, worker_index
+from pytest_gpumem.settings import resolve
+from pytest_gpumem.store import BaselineStore
 
 
 @pytest.mark.parametrize(
@@ -48,3 +52,26 @@ def test_worker_ids():
     assert worker_index("gw12") == 12
     with pytest.raises(PinningError, match="'foo'"):
         worker_index("foo")
+
+
+def test_each_worker_process_gets_its_own_gpus_before_pytest_starts_there(pytester, monkeypatch, tmp_path):
+    """The controller's hook on real pytest-xdist gateways (execnet subprocesses), two GPUs named by UUID:
+    each worker's process has its own CUDA_VISIBLE_DEVICES before pytest is imported there."""
+    execnet = pytest.importorskip("execnet")
+    monkeypatch.setattr(workers, "resolve_backend", lambda backend: "cuda")  # a controller that sees two GPUs
+    monkeypatch.setattr(workers, "visible_gpus", lambda: ["GPU-aa", "GPU-bb"])
+    config = pytester.parseconfig("--tx=2*popen", "--gpumem-gpus-per-worker=1", "--gpumem-backend=cuda")
+    controller = workers.Controller(config, resolve(config), BaselineStore(tmp_path / "baselines"))
+    seen = {}
+    for worker in ("gw0", "gw1"):
+        gateway = execnet.makegateway(f"popen//id={worker}")
+        try:
+            controller.pytest_xdist_newgateway(gateway)
+            channel = gateway.remote_exec(
+                "import os, sys\nchannel.send((os.environ.get('CUDA_VISIBLE_DEVICES'), 'pytest' in sys.modules))"
+            )
+            seen[worker] = channel.receive(30)
+        finally:
+            gateway.exit()
+    controller.cleanup()
+    assert seen == {"gw0": ("GPU-aa", False), "gw1": ("GPU-bb", False)}
