@@ -80,10 +80,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
-    """``-n auto`` with ``--gpumem-gpus-per-worker N``: one worker per N GPUs."""
+    """``-n auto`` on GPUs: one worker per GPU group, two with packing (see ``workers.auto_workers``)."""
     try:
         return workers.auto_workers(resolve(config))
-    except BadValue:
+    except (BadValue, meters.NoBackend):
         return None  # reported by pytest_configure
 
 

@@ -172,11 +172,11 @@ class _CudaPeaks:
     def __init__(self) -> None:
         import torch
 
-        self._count = torch.accelerator.device_count()
-        # Before CUDA is initialized the statistics are zero (and reading them fails): reset only if something
-        # already used it, which also makes no context on devices this rank never uses.
+        # Nothing here may start CUDA (not even count devices): a rank that pins itself afterwards
+        # (CUDA_VISIBLE_DEVICES from LOCAL_RANK) must still be able to. Before CUDA is initialized the
+        # statistics are zero; reset them only if something already used it.
         if torch.cuda.is_initialized():
-            for index in range(self._count):
+            for index in range(torch.cuda.device_count()):
                 torch.accelerator.memory.reset_peak_memory_stats(index)
 
     def read(self) -> Peaks:
@@ -186,7 +186,7 @@ class _CudaPeaks:
         peaks: Peaks = {"allocated": {}, "reserved": {}}
         if not torch.cuda.is_initialized():
             return peaks  # this rank never used CUDA
-        for index in range(self._count):
+        for index in range(torch.cuda.device_count()):
             reserved = memory.max_memory_reserved(index)
             if reserved:  # only the devices this rank used
                 peaks["allocated"][f"cuda:{index}"] = memory.max_memory_allocated(index)
@@ -207,13 +207,13 @@ def _process_used(indices: list[int]) -> dict[str, int]:
         return {}
     try:
         import pynvml
-        import torch
+
+        from .meters.cuda import nvml_handle
 
         pynvml.nvmlInit()
         used: dict[str, int] = {}
         for index in indices:
-            uuid = str(torch.cuda.get_device_properties(index).uuid)
-            handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+            handle = nvml_handle(index)
             for process in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
                 if process.pid == os.getpid() and process.usedGpuMemory:
                     used[f"cuda:{index}"] = int(process.usedGpuMemory)
@@ -253,10 +253,7 @@ class RankMeasurement:
         self._meter: _CudaPeaks | _CpuPeaks | None = None
         self._thread = threading.get_ident()
         if directory is not None:
-            import torch
-
-            cuda = os.environ.get(BACKEND_ENV) != "cpu" and torch.cuda.is_available()
-            self._meter = _CudaPeaks() if cuda else _CpuPeaks()
+            self._meter = _CudaPeaks() if os.environ.get(BACKEND_ENV) == "cuda" else _CpuPeaks()
             atexit.register(self.close)
 
     def __enter__(self) -> RankMeasurement:
@@ -327,8 +324,10 @@ def measure_rank() -> RankMeasurement:
 
 def _run_rank(index: int, fn: Callable[..., Any], nprocs: int, args: Sequence[Any]) -> Any:
     """A spawned child: rank ``index`` of ``nprocs``, measured while ``fn`` runs (module level: picklable)."""
-    os.environ.setdefault("RANK", str(index))
-    os.environ.setdefault("WORLD_SIZE", str(nprocs))
+    # Set, not defaulted: a pytest itself started under torchrun (or a cluster's launcher) has RANK set,
+    # and every child would otherwise claim the parent's rank.
+    os.environ["RANK"] = str(index)
+    os.environ["WORLD_SIZE"] = str(nprocs)
     with measure_rank():
         return fn(index, *args)
 

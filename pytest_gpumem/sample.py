@@ -45,6 +45,15 @@ def device_order(device: str) -> tuple[tuple[int, int | str], ...]:
     return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", device) if part)
 
 
+def touched(peaks: Peaks, first: str) -> Peaks:
+    """Only the devices the peaks' allocator figures show in use, so a test that used one GPU of several
+    reads as it would on a machine with that one GPU (NVML's figure alone does not count: on a whole device
+    it includes other processes); ``first`` alone where none was used."""
+    used = {device for metric in ("allocated", "reserved") for device, n in peaks.get(metric, {}).items() if n > 0}
+    keep = used or {first}
+    return {metric: {d: n for d, n in per_device.items() if d in keep} for metric, per_device in peaks.items()}
+
+
 def merge_max(into: Peaks, other: Peaks) -> None:
     """Raise every value of ``into`` to at least the matching value of ``other``."""
     for metric, per_device in other.items():

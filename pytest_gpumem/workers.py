@@ -61,10 +61,14 @@ def visible_gpus() -> list[str]:
 
 
 def auto_workers(settings: Settings) -> int | None:
-    """``-n auto`` with ``--gpumem-gpus-per-worker N`` (and no packing): one worker per N GPUs."""
-    if settings.gpus_per_worker is None or settings.pack or resolve_backend(settings.backend) != "cuda":
+    """``-n auto`` on the cuda backend: one worker per GPU group (``--gpumem-gpus-per-worker N``, 1 by
+    default), two with ``--gpumem-pack``; None (pytest-xdist's own count, the CPUs) otherwise."""
+    if settings.gpus_per_worker is None and not settings.pack:
         return None
-    return max(1, len(groups(visible_gpus(), settings.gpus_per_worker)))
+    if resolve_backend(settings.backend) != "cuda":
+        return None
+    count = max(1, len(groups(visible_gpus(), settings.gpus_per_worker or 1)))
+    return 2 * count if settings.pack else count
 
 
 class Controller:

@@ -12,7 +12,16 @@ from pytest_gpumem.judge import judge, needed
 from pytest_gpumem.marker import MARKER_HELP, parse_marker
 from pytest_gpumem.report import json_report, markdown, terminal
 from pytest_gpumem.report.table import cells, device_rows
-from pytest_gpumem.sample import Baseline, DeviceVerdict, OutOfMemory, Sample, Spec, TestResult, Verdict
+from pytest_gpumem.sample import (
+    Baseline,
+    DeviceVerdict,
+    OutOfMemory,
+    Sample,
+    Spec,
+    TestResult,
+    Verdict,
+    touched,
+)
 from pytest_gpumem.store import BaselineStore
 from pytest_gpumem.units import BadValue, Tolerance
 
@@ -232,6 +241,21 @@ def test_several_devices_rows_and_needed() -> None:
     assert needed(verdict) == GiB  # what cuda:1 must give back
     regression = verdict_of({"cuda:0": 2 * GiB, "cuda:1": 3 * GiB // 2}, {"cuda:0": 2 * GiB, "cuda:1": GiB})
     assert needed(regression) == GiB // 2 - (2 * GiB // 100)
+
+
+def test_only_the_devices_a_phase_used_are_kept() -> None:
+    peaks = {
+        "allocated": {"cuda:0": 0, "cuda:1": 5 * MiB, "cuda:2": 0},
+        "reserved": {"cuda:0": 0, "cuda:1": 6 * MiB, "cuda:2": 2 * MiB},  # a cache segment: used
+        "device": {"cuda:0": 9 * MiB, "cuda:1": 8 * MiB, "cuda:2": 2 * MiB},  # NVML alone does not count
+    }
+    assert touched(peaks, "cuda:0") == {
+        "allocated": {"cuda:1": 5 * MiB, "cuda:2": 0},
+        "reserved": {"cuda:1": 6 * MiB, "cuda:2": 2 * MiB},
+        "device": {"cuda:1": 8 * MiB, "cuda:2": 2 * MiB},
+    }
+    unused = {"allocated": {"cuda:0": 0, "cuda:1": 0}, "reserved": {"cuda:0": 0, "cuda:1": 0}}
+    assert touched(unused, "cuda:0") == {"allocated": {"cuda:0": 0}, "reserved": {"cuda:0": 0}}
 
 
 def test_device_order_is_numeric() -> None:

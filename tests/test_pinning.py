@@ -75,3 +75,19 @@ def test_each_worker_process_gets_its_own_gpus_before_pytest_starts_there(pytest
             gateway.exit()
     controller.cleanup()
     assert seen == {"gw0": ("GPU-aa", False), "gw1": ("GPU-bb", False)}
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--gpumem-gpus-per-worker=1"], 4),
+        (["--gpumem-gpus-per-worker=2"], 2),
+        (["--gpumem-pack"], 8),  # two workers share each GPU
+        (["--gpumem-pack", "--gpumem-gpus-per-worker=2"], 4),
+        ([], None),  # pytest-xdist's own count
+    ],
+)
+def test_n_auto_starts_workers_by_gpu_groups(pytester, monkeypatch, args, expected):
+    monkeypatch.setattr(workers, "resolve_backend", lambda backend: "cuda")  # a machine with four GPUs
+    monkeypatch.setattr(workers, "visible_gpus", lambda: ["0", "1", "2", "3"])
+    assert workers.auto_workers(resolve(pytester.parseconfig(*args))) == expected

@@ -148,6 +148,31 @@ def test_a_rank_measured_as_a_block_writes_its_peaks(tmp_path, monkeypatch):
     assert collect(tmp_path) == {"allocated": {"rank3:cpu": 3 * MiB}, "reserved": {"rank3:cpu": 3 * MiB}}
 
 
+def test_starting_to_measure_a_cuda_rank_starts_no_cuda(tmp_path, monkeypatch):
+    """So a rank that pins itself after ``measure_rank()`` (CUDA_VISIBLE_DEVICES from LOCAL_RANK) still can."""
+
+    def starts_cuda(*args: object) -> None:
+        raise AssertionError("CUDA started by measure_rank")
+
+    monkeypatch.setenv(ranks.ENV, str(tmp_path))
+    monkeypatch.setenv(ranks.BACKEND_ENV, "cuda")
+    for name in ("is_available", "device_count", "init"):
+        monkeypatch.setattr(torch.cuda, name, starts_cuda)
+    monkeypatch.setattr(torch.accelerator, "device_count", starts_cuda)
+    with measure_rank() as rank:
+        pass  # a rank that used no GPU
+    assert rank.path is not None
+    assert json.loads(rank.path.read_text())["peaks"] == {"allocated": {}, "reserved": {}}
+
+
+def test_spawned_children_are_the_ranks_spawn_numbers_whatever_the_parent_was(monkeypatch):
+    monkeypatch.setenv("RANK", "5")  # pytest itself started by a launcher
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.delenv(ranks.ENV, raising=False)
+    seen = ranks._run_rank(1, lambda index: (index, os.environ["RANK"], os.environ["WORLD_SIZE"]), 2, ())
+    assert seen == (1, "1", "2")
+
+
 def test_measurement_merges_rank_files_into_the_open_phase_and_cleans_up(monkeypatch):
     monkeypatch.setenv(ranks.ENV, "outer")
     monkeypatch.delenv(ranks.BACKEND_ENV, raising=False)

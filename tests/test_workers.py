@@ -108,9 +108,10 @@ def test_a_device_too_small_for_two_runs_one_test_at_a_time(pytester, monkeypatc
     assert packed.parseoutcomes() == {"passed": 8}, packed.stdout.str()
 
 
-def test_pinning_needs_enough_gpus(pytester):
+@pytest.mark.parametrize("args", [["-n", "2", "--gpumem-gpus-per-worker=1"], ["-n", "auto", "--gpumem-pack"]])
+def test_pinning_needs_enough_gpus(pytester, args):
     pytester.makepyfile(test_one="def test_one(): pass")
-    result = pytester.runpytest_subprocess("-n", "2", "--gpumem-gpus-per-worker=1", "--gpumem-backend=cuda")
+    result = pytester.runpytest_subprocess(*args, "--gpumem-backend=cuda")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--gpumem-backend cuda: no CUDA device is visible*"])
 

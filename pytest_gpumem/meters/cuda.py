@@ -30,23 +30,33 @@ from typing import Any
 import torch
 
 from .. import oom
-from ..sample import Peaks
+from ..sample import Peaks, touched
 from . import collect_after_teardown, release_failures
 from .tracker import StorageTracker
 
 
+def nvml_handle(index: int) -> Any:
+    """The NVML handle of torch's CUDA device ``index``, matched by UUID: NVML numbers devices its own way
+    and ignores CUDA_VISIBLE_DEVICES. torch gives the UUID without its prefix, which is ``GPU-`` for a
+    whole GPU and ``MIG-`` for a MIG instance. Needs ``pynvml.nvmlInit()``; raises NVMLError if unknown."""
+    import pynvml
+
+    uuid = str(torch.cuda.get_device_properties(index).uuid)
+    if uuid.startswith(("GPU-", "MIG-")):
+        return pynvml.nvmlDeviceGetHandleByUUID(uuid)
+    try:
+        return pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+    except pynvml.NVMLError:
+        return pynvml.nvmlDeviceGetHandleByUUID(f"MIG-{uuid}")
+
+
 def _nvml_handles(count: int) -> list[Any] | None:
-    """NVML handles for torch's devices 0..count-1, matched by UUID (so CUDA_VISIBLE_DEVICES
-    reordering is honoured), or None where NVML is unavailable."""
+    """NVML handles for torch's devices 0..count-1, or None where NVML is unavailable."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        handles = []
-        for index in range(count):
-            uuid = str(torch.cuda.get_device_properties(index).uuid)
-            handles.append(pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"))
-        return handles
+        return [nvml_handle(index) for index in range(count)]
     except Exception:  # noqa: BLE001 - any NVML failure only costs the device metric
         return None
 
@@ -189,7 +199,7 @@ class CudaMeter:
         if self._nvml:
             before = self._before["device"]
             peaks["device"] = {name: used - before[name] for name, used in self._device_used().items()}
-        return peaks
+        return touched(peaks, self.names[0]) if self.names else peaks
 
     def end(self) -> None:
         if self._before:

@@ -19,15 +19,16 @@ two_gpus = pytest.mark.skipif(GPUS < 2, reason=f"needs 2 CUDA GPUs; {GPUS} visib
 xdist = pytest.importorskip("xdist")
 ROOT = Path(__file__).resolve().parent.parent.parent
 MiB = 2**20
+TESTS = max(4, 2 * GPUS)  # enough for every pinned worker to run some
 
 
-def run(where: Path, *args: str, expect: int = 0) -> tuple[dict, str]:
+def run(where: Path, *args: str, expect: int = 0, env: dict[str, str] | None = None) -> tuple[dict, str]:
     out = where / "out.json"
     out.unlink(missing_ok=True)
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--gpumem-backend=cuda", f"--gpumem-json={out}",
          f"--gpumem-baselines={where / 'baselines'}", *args],
-        cwd=where, capture_output=True, text=True, timeout=900,
+        cwd=where, capture_output=True, text=True, timeout=900, env={**os.environ, **(env or {})},
     )  # fmt: skip
     assert done.returncode == expect, done.stdout[-6000:] + done.stderr[-3000:]
     tests = {t["nodeid"]: t for t in json.loads(out.read_text())["tests"]} if out.exists() else {}
@@ -48,21 +49,21 @@ def test_each_pinned_worker_sees_its_own_gpu(tmp_path):
         import pytest, torch
 
         @pytest.mark.gpumem
-        @pytest.mark.parametrize("n", range(4))
+        @pytest.mark.parametrize("n", range(TESTS))
         def test_where(n, worker_id):
             torch.ones(2**20, device="cuda")
             seen = {"visible": os.environ["CUDA_VISIBLE_DEVICES"], "count": torch.cuda.device_count(),
                     "uuid": str(torch.cuda.get_device_properties(0).uuid)}
             pathlib.Path(f"{worker_id}-{n}.json").write_text(json.dumps(seen))
             time.sleep(1)
-    """,
+    """.replace("TESTS", str(TESTS)),
     )
     run(tmp_path, "-n", str(GPUS), "--gpumem-gpus-per-worker=1")
     seen = [json.loads(p.read_text()) for p in tmp_path.glob("gw*-*.json")]
     by_worker: dict[str, set[str]] = {}
     for path in tmp_path.glob("gw*-*.json"):
         by_worker.setdefault(path.name.split("-")[0], set()).add(json.loads(path.read_text())["uuid"])
-    assert len(seen) == 4 and all(s["count"] == 1 and s["visible"] for s in seen)
+    assert len(seen) == TESTS and all(s["count"] == 1 and s["visible"] for s in seen)
     assert len(by_worker) == GPUS and all(len(u) == 1 for u in by_worker.values())
     assert len(set.union(*by_worker.values())) == GPUS  # as many workers as GPUs, each on its own
 
@@ -98,7 +99,7 @@ def test_a_model_spread_over_two_gpus_reports_both(tmp_path):
             train_step(model, batch=2, seq=512, steps=2)
     """,
     )
-    tests, _ = run(tmp_path)
+    tests, _ = run(tmp_path, "-n", "1", "--gpumem-gpus-per-worker=2")  # a worker of two GPUs, however many exist
     (test,) = tests.values()
     allocated = test["sample"]["phases"]["call"]["allocated"]
     assert set(allocated) == {"cuda:0", "cuda:1"}
@@ -171,9 +172,10 @@ def test_a_test_that_runs_out_of_memory_beside_another_is_retried_alone(tmp_path
             time.sleep(3)
     """,
     )
-    run(tmp_path, "--gpumem-update-baselines")
+    first = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]}  # both on one GPU
+    run(tmp_path, "--gpumem-update-baselines", env=first)
     total = torch.cuda.get_device_properties(0).total_memory
-    tests, out = run(tmp_path, "-n", "2", "--gpumem-pack", f"--gpumem-pack-capacity={2 * total}")
+    tests, out = run(tmp_path, "-n", "2", "--gpumem-pack", f"--gpumem-pack-capacity={2 * total}", env=first)
     assert " rerun" in out and "4 passed" in out, out[-3000:]
     assert "retried alone" in out and "ran out of memory beside other tests" in out, out[-3000:]
     retried = [t for t in tests.values() if t.get("retried")]
