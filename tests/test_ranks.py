@@ -159,6 +159,7 @@ def test_starting_to_measure_a_cuda_rank_starts_no_cuda(tmp_path, monkeypatch):
     for name in ("is_available", "device_count", "init"):
         monkeypatch.setattr(torch.cuda, name, starts_cuda)
     monkeypatch.setattr(torch.accelerator, "device_count", starts_cuda)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)  # a fresh rank (this process may have)
     with measure_rank() as rank:
         pass  # a rank that used no GPU
     assert rank.path is not None
