@@ -208,18 +208,13 @@ def _process_used(indices: list[int]) -> dict[str, int]:
     try:
         import pynvml
 
-        from .meters.cuda import nvml_handle
+        from .meters.cuda import nvml_handle, process_used
 
         pynvml.nvmlInit()
-        used: dict[str, int] = {}
-        for index in indices:
-            handle = nvml_handle(index)
-            for process in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                if process.pid == os.getpid() and process.usedGpuMemory:
-                    used[f"cuda:{index}"] = int(process.usedGpuMemory)
-        return used
+        used = process_used([nvml_handle(index) for index in indices]) or []
     except Exception:  # noqa: BLE001 - any NVML failure only costs the device metric
         return {}
+    return {f"cuda:{index}": n for index, n in zip(indices, used, strict=False) if n > 0}
 
 
 class _CpuPeaks:

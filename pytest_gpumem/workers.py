@@ -13,6 +13,7 @@ only).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -86,9 +87,10 @@ class Controller:
         self.workers = worker_count(config)
         self.groups: list[list[str]] = []
         if self.backend == "cuda":
-            self.groups = groups(visible_gpus(), settings.gpus_per_worker or 1)
+            devices = visible_gpus()
+            self.groups = groups(devices, settings.gpus_per_worker or 1)
             for index in range(self.workers):  # fail now, with a clear message, where the GPUs do not suffice
-                assign(visible_gpus(), settings.gpus_per_worker or 1, self.workers, index, settings.pack)
+                assign(devices, settings.gpus_per_worker or 1, self.workers, index, settings.pack)
         self.shared = Path(tempfile.mkdtemp(prefix="gpumem-workers-"))
         self.scheduler: PackingScheduling | None = None
         self.facts: list[DeviceFacts] = []
@@ -191,8 +193,14 @@ class Controller:
             return facts
         return [DeviceFacts("cpu", self.settings.pack_capacity or physical_memory(), 0)]
 
+    @functools.cached_property
+    def exclusive(self) -> set[str]:
+        """The tests marked ``gpumem(exclusive=True)``, as the workers wrote them once collected (read when
+        the scheduler first asks for demands, after every worker has collected)."""
+        return _read_exclusive(self.shared)
+
     def _demand(self, nodeid: str) -> Demand:
-        if nodeid in _read_exclusive(self.shared):
+        if nodeid in self.exclusive:
             return Demand(None, alone=True, reason="exclusive")
         hardware = self.facts[0].hardware if self.facts else "cpu"
         baseline = self.store.lookup(hardware, nodeid)
