@@ -13,7 +13,8 @@
 
 Each subcommand is one function registered with :func:`command`, which also
 declares its arguments; adding one is writing that function. Bad input is a
-one-line error naming the value and the file it came from, and exit status 2.
+one-line error naming the value and the option or file it came from, and exit
+status 2 (see :data:`EXIT_CODES`).
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .export import parse_exports
 from .export import render as render_export
@@ -39,6 +40,17 @@ from .units import BadValue, Tolerance, parse_tolerance
 
 DEFAULT_TOLERANCE = Tolerance(percent=2.0)
 """What the plugin allows when neither a marker nor ``--gpumem-tolerance`` says otherwise."""
+
+EXIT_CODES = {
+    0: "success: compare found no memory failure, estimate fits, merge and report done",
+    1: "compare: a regression, an over-budget or an out-of-memory test; estimate: it does not fit the GPU",
+    2: "bad input: an unknown option or value, a file that cannot be read or is not what it should be, "
+    "a --branch with no runs in the history (one line on stderr, naming the value and where it came from)",
+}
+"""What ``gpumem`` exits with."""
+
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+"""The compute dtypes bitsandbytes' quantized layers take."""
 
 
 class CliError(Exception):
@@ -131,6 +143,7 @@ def compare_results(
     tolerance: Tolerance | None = None,
     base_name: str = "A",
     head_name: str = "B",
+    explain: str = "failed",
 ) -> list[TestResult]:
     """``head``'s results judged against ``base``'s, with the plugin's judge.
 
@@ -140,7 +153,9 @@ def compare_results(
     baseline, with the base run's software, so library changes are named as
     the plugin names them. A base result from other hardware is not compared
     (the test is ``new``, and the other key is named); an out-of-memory result
-    keeps its verdict.
+    keeps its verdict. The advisor's explanation recorded in B is kept for the
+    tests this comparison fails (``explain="failed"``) or for all (``"all"``):
+    a test B's own run flagged but judged ok here is not explained.
     """
     by_nodeid = {r.nodeid: r for r in base}
     base_software = base_environment.get("software") or {}
@@ -174,18 +189,8 @@ def compare_results(
             or (parse_tolerance(own, f"{head_name}: tolerance of {result.nodeid}") if own else DEFAULT_TOLERANCE),
         )
         verdict = judge(result.sample, spec, baseline, dict(head_software), other_hardware=other_hardware)
-        judged.append(
-            TestResult(
-                result.nodeid,
-                result.hardware,
-                result.sample,
-                verdict,
-                result.passed,
-                baseline,
-                result.advice,
-                result.snapshot,
-            )
-        )
+        advice = result.advice if explain == "all" or verdict.failed else None
+        judged.append(replace(result, verdict=verdict, baseline=baseline, advice=advice))
     return judged
 
 
@@ -206,6 +211,12 @@ def _listing(nodeids: Sequence[str], limit: int = 10) -> str:
         help="allowed growth for every test ('2%%', '256 MiB', '2%%, 1 MiB'); "
         "default: the tolerance each test was judged with in B, else 2%%",
     ),
+    arg(
+        "--explain",
+        choices=("failed", "all"),
+        default="failed",
+        help="whose advice B recorded to print: the tests this comparison fails (default), or all",
+    ),
     JSON_ARG,
     MARKDOWN_ARG,
 )
@@ -214,7 +225,14 @@ def compare(args: argparse.Namespace) -> int:
     head_environment, head = _load(args.b)
     tolerance = _tolerance(args.tolerance, "--tolerance")
     results = compare_results(
-        base, base_environment, head, head_environment, tolerance=tolerance, base_name=args.a, head_name=args.b
+        base,
+        base_environment,
+        head,
+        head_environment,
+        tolerance=tolerance,
+        base_name=args.a,
+        head_name=args.b,
+        explain=args.explain,
     )
     lines = summary_lines(results)
     head_ids = {r.nodeid for r in head}
@@ -299,6 +317,12 @@ def report(args: argparse.Namespace) -> int:
         raise CliError(f"--sustain: {args.sustain} is not a number of runs; use 1 or more")
     frame = history.load(args.history)
     all_series = history.series(frame, branch=args.branch)
+    if args.branch is not None and not all_series:
+        known = sorted(set(frame["branch"]) - {""})
+        raise CliError(
+            f"--branch: no runs of branch {args.branch!r} in {args.history} "
+            f"({'its branches: ' + _listing([repr(b) for b in known]) if known else 'it records no branch'})"
+        )
     trends = [history.trend(s) for s in all_series]
     steps = [step for s in all_series for step in history.steps(s, tolerance, args.sustain)]
     _print(history_report.text_lines(trends, steps))
@@ -351,7 +375,13 @@ def estimate_command(args: argparse.Namespace) -> int:
         if not Path(args.arch).exists():
             raise CliError(f"--arch: {args.arch!r} is neither a preset ({', '.join(PRESETS)}) nor an existing path")
         config = Path(args.arch)
-    targets = args.lora_targets if args.lora_targets == "all-linear" else tuple(args.lora_targets.split(","))
+    if args.compute_dtype not in COMPUTE_DTYPES:
+        raise CliError(
+            f"--compute-dtype: unknown dtype {args.compute_dtype!r}; choose one of {', '.join(COMPUTE_DTYPES)}"
+        )
+    targets = args.lora_targets
+    if targets != "all-linear":
+        targets = tuple(target.strip() for target in targets.split(","))
     recipe = estimate.Recipe(
         arch=args.arch if config is None else "",
         size=args.size if config is None else None,
@@ -366,6 +396,9 @@ def estimate_command(args: argparse.Namespace) -> int:
         gradient_checkpointing=args.gradient_checkpointing,
         optimizer=args.optimizer,
     )
+    if isinstance(targets, tuple):
+        model = args.arch if config is not None else f"{args.arch} {args.size}"
+        check_lora_targets(targets, estimate.model_config(recipe), model, "--lora-targets")
     result = estimate.estimate(recipe, gpu, advise=not args.no_levers)
     if args.json:
         print(json.dumps(result.to_dict(), sort_keys=True, indent=2))
@@ -374,11 +407,79 @@ def estimate_command(args: argparse.Namespace) -> int:
     return 0 if result.fits else 1
 
 
+def lora_layers(config: Any) -> list[str] | None:
+    """The names of the layers LoRA can adapt (linear, embedding, convolution) in the causal LM of ``config``,
+    built on the meta device: no weight is made, so an 8B model costs a few milliseconds. None where
+    transformers cannot build it (the estimate then says why)."""
+    import warnings
+
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    adaptable = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, Conv1D)
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - any model class transformers cannot make here; the estimate reports it
+        return None
+    return [name for name, module in model.named_modules() if isinstance(module, adaptable)]
+
+
+def check_lora_targets(targets: Sequence[str], config: Any, model: str, where: str) -> None:
+    """CliError for a target that names no layer LoRA can adapt in the model of ``config``: peft would refuse
+    the recipe, and an estimate without it would predict a setup that cannot run. A target matches a layer
+    as peft matches it: the whole name, or its last dotted parts (``q_proj``, ``self_attn.q_proj``)."""
+    layers = lora_layers(config)
+    if layers is None:
+        return
+    for target in targets:
+        if not target or not any(layer == target or layer.endswith("." + target) for layer in layers):
+            kinds = sorted({layer.rsplit(".", 1)[-1] for layer in layers})
+            raise CliError(
+                f"{where}: {target!r} names no layer LoRA can adapt in {model}; its layers: {', '.join(kinds)}"
+            )
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, its errors in one line like the commands' own (the usage is in ``--help``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+_FLAG_ACTIONS = ("store_true", "store_false", "store_const", "count", "help", "version")
+
+
+def _attach_dash_values(argv: Sequence[str]) -> list[str]:
+    """``--tolerance -5%`` as ``--tolerance=-5%`` (``-o -x`` as ``-o-x``): argparse takes a value that starts
+    with ``-`` and is not a plain number for an option, and stops at "expected one argument" before the
+    value reaches the option's own check, which says what is wrong with it."""
+    argv = list(argv)
+    start = next((i for i, token in enumerate(argv) if token in COMMANDS), None)
+    if start is None:
+        return argv
+    args = COMMANDS[argv[start]].args
+    flags = {flag for a in args for flag in a.flags} | {"-h", "--help", "--"}
+    takes_value = {f for a in args if a.options.get("action") not in _FLAG_ACTIONS for f in a.flags if f[0] == "-"}
+    out = argv[: start + 1]
+    i = start + 1
+    while i < len(argv):
+        token = argv[i]
+        value = argv[i + 1] if token in takes_value and i + 1 < len(argv) else None
+        if value is not None and value.startswith("-") and value not in flags:
+            out.append(f"{token}={value}" if token.startswith("--") else token + value)
+            i += 2
+        else:
+            out.append(token)
+            i += 1
+    return out
+
+
 def parser() -> argparse.ArgumentParser:
     """The ``gpumem`` argument parser, one subparser per registered command."""
-    top = argparse.ArgumentParser(
-        prog="gpumem", description="pytest-gpumem results: compare, merge, and the history's trends."
-    )
+    top = _Parser(prog="gpumem", description="pytest-gpumem results: compare, merge, and the history's trends.")
     sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in COMMANDS.values():
         child = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
@@ -389,8 +490,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``gpumem``; returns the exit status (0 ok, 1 a memory failure where the command checks, 2 bad input)."""
-    args = parser().parse_args(argv)
+    """Run ``gpumem``; returns the exit status (see :data:`EXIT_CODES`)."""
+    try:
+        args = parser().parse_args(_attach_dash_values(sys.argv[1:] if argv is None else argv))
+    except SystemExit as exc:  # argparse has printed --help (0) or a usage error in one line (2)
+        return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
     try:
         return int(args.run(args))
     except (CliError, BadValue, MergeError, HistoryError) as exc:

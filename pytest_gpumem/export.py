@@ -59,7 +59,11 @@ def parse_exports(value: object, where: str, base: Path = Path()) -> tuple[Expor
             raise BadValue(f"{where}: unknown export format {fmt!r} in {item!r}; choose one of {', '.join(FORMATS)}")
         if not path:
             raise BadValue(f"{where}: {item!r} names no file to write the {fmt} export to")
-        exports.append(Export(fmt, base / Path(path).expanduser()))
+        try:
+            target = Path(path).expanduser()
+        except RuntimeError:  # pathlib's answer to an unknown ~user
+            raise BadValue(f"{where}: {item!r}: cannot expand ~ (no such user, or no home directory)") from None
+        exports.append(Export(fmt, base / target))
     return tuple(exports)
 
 

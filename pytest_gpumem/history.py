@@ -47,6 +47,7 @@ SUSTAIN = 2
 """How many consecutive runs a new level must hold before it counts as a step."""
 
 EXTRA_HINT = "pip install 'pytest-gpumem[history]'"
+FORMATS = "a history is a CSV table, or Parquet where the name ends in .parquet, as --gpumem-history writes it"
 
 
 class HistoryError(Exception):
@@ -150,8 +151,9 @@ def _parquet_engine(path: Path) -> None:
 def load(path: str | os.PathLike[str]) -> pd.DataFrame:
     """The history table at ``path``, oldest run first, with ``value``/``baseline`` as nullable ints.
 
-    An empty file is an empty history. Raises HistoryError, naming the file,
-    if it is missing, unreadable, or lacks the history's columns.
+    An empty file is an empty history. Raises HistoryError, one line naming the
+    file, if it is missing, unreadable, JSON (a results file given by mistake),
+    or lacks the history's columns.
     """
     pd = _pandas()
     path = Path(path)
@@ -164,11 +166,16 @@ def load(path: str | os.PathLike[str]) -> pd.DataFrame:
             _parquet_engine(path)
             frame = pd.read_parquet(path)
         else:
+            if _is_json(path):
+                raise HistoryError(f"{path}: holds JSON (a --gpumem-json results file?), not a history: {FORMATS}")
             frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except HistoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - pandas and pyarrow raise many kinds; the message says which
-        raise HistoryError(f"{path}: not a readable history table ({type(exc).__name__}: {exc})") from None
+        reason = (str(exc).strip().splitlines() or [""])[0]  # pandas' messages can run over several lines
+        raise HistoryError(
+            f"{path}: not a readable history table ({type(exc).__name__}: {reason}); {FORMATS}"
+        ) from None
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
         raise HistoryError(f"{path}: not a pytest-gpumem history table (missing columns: {', '.join(missing)})")
@@ -176,6 +183,12 @@ def load(path: str | os.PathLike[str]) -> pd.DataFrame:
         return _typed(frame)
     except (ValueError, TypeError) as exc:
         raise HistoryError(f"{path}: malformed history table ({exc})") from None
+
+
+def _is_json(path: Path) -> bool:
+    """Whether the file starts as a JSON object or array does (no CSV history can: its header is ``time,...``)."""
+    with open(path, "rb") as f:
+        return f.read(256).lstrip()[:1] in (b"{", b"[")
 
 
 def _typed(frame: pd.DataFrame) -> pd.DataFrame:

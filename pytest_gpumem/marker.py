@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import re
 from collections.abc import Mapping
@@ -66,11 +67,7 @@ def parse_marker(
     ``device`` on the cpu backend is an error, not a silent zero. The
     ``default_*`` values are the run's settings, used where the marker sets none.
     """
-    try:
-        bound = _SIGNATURE.bind(*args, **kwargs)
-    except TypeError as exc:
-        raise BadValue(f"{where}: {exc} (signature: gpumem{_SIGNATURE})") from None
-    bound.apply_defaults()
+    bound = _bind(args, kwargs, where)
     budget, tolerance, metric = (bound.arguments[name] for name in ("budget", "tolerance", "metric"))
     device_limit, leak, retry = (bound.arguments[name] for name in ("device_limit", "leak", "retry_on_oom"))
     if metric not in METRICS:
@@ -98,7 +95,30 @@ def parse_marker(
     )
 
 
-_DEVICE = re.compile(r"(rank\d+:)?(cpu|[a-z]+:\d+)")
+def _bind(args: tuple[Any, ...], kwargs: Mapping[str, Any], where: str) -> inspect.BoundArguments:
+    """The marker's arguments bound to :func:`gpumem`'s signature, defaults applied; BadValue in one line for
+    a misspelt keyword (with the closest name), too many positional arguments, or one given twice."""
+    names = list(_SIGNATURE.parameters)
+    for name in kwargs:
+        if name not in _SIGNATURE.parameters:
+            close = difflib.get_close_matches(str(name), names, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"the keywords are {', '.join(names)}"
+            raise BadValue(f"{where}: unknown keyword {name!r}; {hint}")
+    positional = [p.name for p in _SIGNATURE.parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    if len(args) > len(positional):
+        raise BadValue(
+            f"{where}: {len(args)} positional arguments {args!r}; it takes at most {len(positional)} "
+            f"({', '.join(positional)}), the rest by keyword"
+        )
+    for name in positional[: len(args)]:
+        if name in kwargs:
+            raise BadValue(f"{where}: {name} is given twice, by position and by keyword")
+    bound = _SIGNATURE.bind(*args, **kwargs)  # cannot fail now: every way it could is checked above
+    bound.apply_defaults()
+    return bound
+
+
+_DEVICE = re.compile(r"(rank[0-9]+:)?(cpu|[a-z]+:[0-9]+)")
 """Device names as the meters write them: ``cpu``, ``cuda:1``, and per rank ``rank0:cuda:0``."""
 
 

@@ -60,7 +60,7 @@ def parse_leak(value: object, where: str) -> Tolerance | bool:
     if value is False or (isinstance(value, str) and value.strip().lower() in _OFF):
         return False
     if value is True:
-        raise BadValue(f"{where}: expected a tolerance such as '1 MiB' or '1%, 1 MiB', or False for no check")
+        raise BadValue(f"{where}: expected a tolerance such as '1 MiB' or '1%, 1 MiB', or False for no check; got True")
     return parse_tolerance(value, where)
 
 

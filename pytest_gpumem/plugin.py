@@ -57,11 +57,14 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
     try:
         settings = resolve(config)
+    except BadValue as exc:
+        raise pytest.UsageError(str(exc)) from None
+    try:
         store = BaselineStore(settings.baselines, tolerate_unreadable=settings.update_baselines)
         if settings.backend == "cuda":
             meters.resolve_backend("cuda")  # fail now, not in the first test, where no GPU is visible
-    except (BadValue, BaselineError) as exc:
-        raise pytest.UsageError(str(exc)) from None
+    except BaselineError as exc:  # named with the option (or variable, or ini key) that chose the directory
+        raise pytest.UsageError(f"{settings.source('baselines')}: {exc}") from None
     except meters.NoBackend as exc:
         raise pytest.UsageError(f"--gpumem-backend cuda: {exc}") from None
     plugin = GpuMemPlugin(config, settings, store)
@@ -179,8 +182,9 @@ class GpuMemPlugin:
         if not self._is_measured(item):
             return (yield)
         marker = item.get_closest_marker("gpumem")
+        bad = None
         try:
-            item.stash[SPEC] = parse_marker(
+            spec = parse_marker(
                 marker.args if marker else (),
                 marker.kwargs if marker else {},
                 default_tolerance=self.settings.tolerance,
@@ -191,16 +195,20 @@ class GpuMemPlugin:
                 default_leak=self.settings.leak,
             )
         except BadValue as exc:
-            # Raised from the plain hook below: a wrapper that raises before it
-            # yields would keep the other plugins' setup wrappers from running.
-            item.stash[MARKER_ERROR] = str(exc)
-            return (yield)
-        try:
-            measurement = Measurement(
-                self.meter, snapshot=self.settings.snapshot is not None, limit=item.stash[SPEC].device_limit
-            )
-        except ValueError as exc:  # a device limit this backend or device cannot enforce
-            item.stash[MARKER_ERROR] = f"gpumem: {item.nodeid}: {exc}"
+            bad = str(exc)
+        else:
+            item.stash[SPEC] = spec
+            try:
+                measurement = Measurement(
+                    self.meter, snapshot=self.settings.snapshot is not None, limit=spec.device_limit
+                )
+            except ValueError as exc:  # a device limit this backend or device cannot enforce
+                bad = f"gpumem: {item.nodeid}: {exc}"
+        if bad is not None:
+            # Raised from the plain hook below: a wrapper that raises before it yields would keep the other
+            # plugins' setup wrappers from running. Yielded outside the except blocks above, or pytest would
+            # print the error twice, the second "during handling of" the first.
+            item.stash[MARKER_ERROR] = bad
             return (yield)
         item.stash[MEASUREMENT] = measurement
         trainer.install()  # a transformers Trainer made by the test reports its model, optimizer and steps

@@ -11,7 +11,8 @@ the source it came from.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ _FALSE = {"0", "false", "no", "off", ""}
 class Option:
     name: str  # the Settings field
     help: str
-    kind: str = "string"  # string | bool | path | choice | tolerance | exports | size | leak | gpu | count
+    kind: str = "string"  # string | bool | path | choice | tolerance | margin | exports | size | leak | gpu | count
     choices: tuple[str, ...] = ()
     ini: bool = True
 
@@ -125,9 +126,9 @@ OPTIONS = (
     ),
     Option(
         "pack_margin",
-        "memory kept free on every device when packing: a percentage of the device, a size, or both "
+        "memory kept free on every device when packing: a percentage of the device (under 100%), a size, or both "
         "('10%, 4 GiB': the larger). Default: 10%.",
-        kind="tolerance",
+        kind="margin",
     ),
     Option(
         "pack_capacity",
@@ -158,6 +159,8 @@ OPTIONS = (
     ),
 )
 
+OPTION = {option.name: option for option in OPTIONS}
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -181,6 +184,14 @@ class Settings:
     markdown: Path | None = None
     history: Path | None = None
     export: tuple[Export, ...] = ()
+    # (setting, where its value came from) for each setting not left at its default; see source()
+    sources: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+
+    def source(self, name: str) -> str:
+        """Where setting ``name`` came from, for an error found after resolving (a baselines directory that
+        is a file): its option, environment variable or ini key, or ``--gpumem-... (default)``."""
+        found = dict(self.sources).get(name)
+        return found if found is not None else f"{OPTION[name].flag} (default)"
 
 
 def add_options(parser: Any) -> None:
@@ -205,12 +216,14 @@ def add_options(parser: Any) -> None:
 def resolve(config: Any) -> Settings:
     """Settings from a pytest config; raises BadValue naming the bad value and its source."""
     values: dict[str, Any] = {}
+    sources: list[tuple[str, str]] = []
     for option in OPTIONS:
         found = _raw(config, option)
         if found is not None:
             values[option.name] = _convert(option, *found, base=_base_dir(config, found[1]))
+            sources.append((option.name, found[1]))
     values.setdefault("baselines", Path(config.rootpath) / "baselines")
-    return Settings(**values)
+    return Settings(**values, sources=tuple(sources))
 
 
 def _raw(config: Any, option: Option) -> tuple[Any, str] | None:
@@ -248,12 +261,14 @@ def _convert(option: Option, value: Any, source: str, base: Path) -> Any:
         return value
     if option.kind == "tolerance":
         return parse_tolerance(value, source)
+    if option.kind == "margin":
+        return parse_margin(value, source)
     if option.kind == "gpu":
         from .gpus import find_gpu
 
         return find_gpu(str(value), source).name
     if option.kind == "path":
-        return base / Path(str(value)).expanduser()
+        return base / expand_user(str(value), source)
     if option.kind == "exports":
         return parse_exports(value, source, base)
     if option.kind == "size":
@@ -262,7 +277,23 @@ def _convert(option: Option, value: Any, source: str, base: Path) -> Any:
         return parse_leak(value, source)
     if option.kind == "count":
         text = str(value).strip()
-        if not text.isdigit() or int(text) < 1:
+        if not re.fullmatch(r"[0-9]+", text) or int(text) < 1:  # isdigit() would take '²', which int() refuses
             raise BadValue(f"{source}: {value!r} is not a whole number of GPUs (1 or more)")
         return int(text)
     return value
+
+
+def parse_margin(value: object, where: str) -> Tolerance:
+    """The packing margin: a tolerance whose percentage is of the device, so under 100% (at 100% nothing fits)."""
+    margin = parse_tolerance(value, where)
+    if margin.percent >= 100:
+        raise BadValue(f"{where}: {value!r} would keep the whole device free; a margin's percentage is under 100%")
+    return margin
+
+
+def expand_user(text: str, where: str) -> Path:
+    """``text`` as a path, ``~`` expanded; BadValue naming ``where`` for a ``~user`` that does not exist."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # pathlib's answer to an unknown ~user
+        raise BadValue(f"{where}: {text!r}: cannot expand ~ (no such user, or no home directory)") from None

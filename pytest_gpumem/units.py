@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 
 _UNITS = {
     "b": 1,
@@ -23,8 +24,11 @@ _UNITS = {
     "gib": 2**30,
     "tib": 2**40,
 }
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([a-zA-Z]*)\s*$")
-_PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*%\s*$")
+# ASCII digits only: \d would also take other scripts' digits, which no one means as a size.
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?|\.[0-9]+)\s*([a-zA-Z]*)\s*$")
+_PERCENT = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?|\.[0-9]+)\s*%\s*$")
+MAX_SIZE = 2**64
+"""No memory is this large; a size above it is a typo, and would overflow the float arithmetic of reports."""
 
 
 class BadValue(ValueError):
@@ -39,17 +43,21 @@ def parse_size(value: object, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise BadValue(f"{where}: expected a size such as '6 GiB' or an int of bytes, got {value!r}")
     if isinstance(value, int):
-        if value < 0:
-            raise BadValue(f"{where}: a size cannot be negative, got {value!r}")
-        return value
-    match = _SIZE.match(value)
-    unit = match.group(2).lower() if match else ""
-    if not match or (unit and unit not in _UNITS):
-        raise BadValue(
-            f"{where}: {value!r} is not a size; write a number and a unit "
-            "(B, KiB, MiB, GiB, TiB, KB, MB, GB, TB), e.g. '6 GiB'"
-        )
-    return round(float(match.group(1)) * _UNITS[unit or "b"])
+        size = value
+    else:
+        match = _SIZE.match(value)
+        unit = match.group(2).lower() if match else ""
+        if not match or (unit and unit not in _UNITS):
+            raise BadValue(
+                f"{where}: {value!r} is not a size; write a number and a unit "
+                "(B, KiB, MiB, GiB, TiB, KB, MB, GB, TB), e.g. '6 GiB'"
+            )
+        size = round(Fraction(match.group(1)) * _UNITS[unit or "b"])  # exact: '1.1 GB' is 1100000000 B
+    if size < 0:
+        raise BadValue(f"{where}: a size cannot be negative, got {value!r}")
+    if size > MAX_SIZE:
+        raise BadValue(f"{where}: {value!r} is larger than any memory (over 2**64 bytes)")
+    return size
 
 
 @dataclass(frozen=True)
@@ -61,7 +69,8 @@ class Tolerance:
 
     def allowed(self, baseline: int) -> int:
         """Bytes a value may exceed ``baseline`` by before it counts as a change."""
-        return max(math.floor(baseline * self.percent / 100), self.floor)
+        share = baseline * self.percent / 100  # inf for an absurd percentage: allows anything, as it says
+        return max(math.floor(min(share, MAX_SIZE)), self.floor)
 
     def __str__(self) -> str:
         parts = []
@@ -84,6 +93,8 @@ def parse_tolerance(value: object, where: str) -> Tolerance:
         raise BadValue(f"{where}: expected a tolerance such as '2%' or '256 MiB', got {value!r}")
     if isinstance(value, int):
         return Tolerance(floor=parse_size(value, where))
+    if value.strip().startswith("-"):
+        raise BadValue(f"{where}: {value!r} is not a tolerance: it cannot be negative; write e.g. '2%' or '256 MiB'")
     percent: float | None = None
     floor: int | None = None
     for part in value.split(","):
@@ -95,6 +106,8 @@ def parse_tolerance(value: object, where: str) -> Tolerance:
                     "a size ('256 MiB'), or both ('2%, 1 MiB')"
                 )
             percent = float(match.group(1))
+            if not math.isfinite(percent):
+                raise BadValue(f"{where}: {value!r} is not a tolerance; the percentage is too large")
         else:
             if floor is not None:
                 raise BadValue(f"{where}: {value!r} has two sizes; write at most one percentage and one size")

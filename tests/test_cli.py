@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import subprocess
 import sys
@@ -74,6 +75,26 @@ def test_compare_tolerance_option_and_the_tests_own_tolerance(pytester, pair, ca
     assert cli.main(["compare", a, lenient]) == 0
     assert cli.main(["compare", a, lenient, "--tolerance", "1%"]) == 1
     capsys.readouterr()
+
+
+def test_compare_explains_only_what_it_judges_failed(pytester, capsys):
+    """B's own run flagged test_grows (+100% over its baseline) and recorded the advisor's explanation;
+    judged ok at 200%, it is not explained again, unless --explain all."""
+    pytester.makepyfile(test_mem=SUITE.format(grows=MiB, only="gone", marker=""))
+    pytester.runpytest("--gpumem-update-baselines", "--gpumem-json=a.json").assert_outcomes(passed=3)
+    pytester.makepyfile(test_mem=SUITE.format(grows=2 * MiB, only="gone", marker=""))
+    pytester.runpytest("--gpumem-json=b.json").assert_outcomes(passed=2, failed=1)
+    a, b = str(pytester.path / "a.json"), str(pytester.path / "b.json")
+    recorded = {r.nodeid: r.advice for r in json_report.load(b)[1]}
+    assert recorded["test_mem.py::test_grows"] is not None  # what B's run explained
+    assert cli.main(["compare", a, b]) == 1
+    assert "test_mem.py::test_grows:" in capsys.readouterr().out.splitlines()  # flagged here too: explained
+    assert cli.main(["compare", a, b, "--tolerance", "200%", "--json", "judged.json"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "test_mem.py::test_grows:" not in out and not any(line.startswith("  ") for line in out)
+    assert all(test["advice"] is None for test in json.loads((pytester.path / "judged.json").read_text())["tests"])
+    assert cli.main(["compare", a, b, "--tolerance", "200%", "--explain", "all"]) == 0
+    assert "test_mem.py::test_grows:" in capsys.readouterr().out.splitlines()
 
 
 def test_compare_writes_json_and_markdown(tmp_path, pair, capsys):
@@ -165,6 +186,40 @@ def test_compare_bad_input_is_one_line_and_exit_2(pair, capsys, args, message):
     assert err.startswith(message) and err.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tolerance", "-5%"], "--tolerance: '-5%' is not a tolerance: it cannot be negative; write e.g. '2%'*"),
+        (["--tolerance=-5%"], "--tolerance: '-5%' is not a tolerance: it cannot be negative*"),
+        (["--tolerance", "-1 MiB, 2%"], "--tolerance: '-1 MiB, 2%' is not a tolerance: it cannot be negative*"),
+        (
+            ["--tolerance", "--json", "x.json"],
+            "argument --tolerance: expected one argument (see gpumem compare --help)",
+        ),
+        (["--explain", "some"], "argument --explain: invalid choice: 'some' *(see gpumem compare --help)"),
+        (["--frobnicate"], "unrecognized arguments: --frobnicate (see gpumem --help)"),
+    ],
+)
+def test_compare_values_that_look_like_options_reach_their_own_one_line_error(pair, capsys, args, message):
+    a, b = pair
+    assert cli.main(["compare", a, b, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and fnmatch.fnmatch(err.strip().split(": error: ", 1)[1], message), err
+
+
+def test_usage_errors_are_one_line_and_exit_2(capsys):
+    assert cli.main(["compare", "a.json"]) == 2
+    assert capsys.readouterr().err == (
+        "gpumem compare: error: the following arguments are required: B.json (see gpumem compare --help)\n"
+    )
+    assert cli.main([]) == 2
+    assert capsys.readouterr().err == (
+        "gpumem: error: the following arguments are required: COMMAND (see gpumem --help)\n"
+    )
+    assert cli.main(["compare", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: gpumem compare")
+
+
 def test_compare_a_file_that_is_not_results(tmp_path, pair, capsys):
     a, _ = pair
     (tmp_path / "x.json").write_text("[1, 2]")
@@ -251,8 +306,12 @@ def test_report_trends_steps_and_plots(stepped_history, tmp_path, capsys):
 
 def test_report_branch_filter_tolerance_and_no_plot(stepped_history, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert cli.main(["report", "--history", str(stepped_history), "--branch", "other", "--no-plot"]) == 0
-    assert capsys.readouterr().out == "no runs in the history\n"
+    assert cli.main(["report", "--history", str(stepped_history), "--branch", "main", "--no-plot"]) == 0
+    assert "steps (2): the first commit of each new level" in capsys.readouterr().out
+    assert cli.main(["report", "--history", str(stepped_history), "--branch", "other", "--no-plot"]) == 2
+    assert capsys.readouterr().err == (
+        f"gpumem report: error: --branch: no runs of branch 'other' in {stepped_history} (its branches: 'main')\n"
+    )
     assert cli.main(["report", "--history", str(stepped_history), "--tolerance", "200%", "--no-plot"]) == 0
     assert "steps: none (no sustained change beyond the tolerance)" in capsys.readouterr().out
     assert not list(tmp_path.iterdir())
@@ -269,3 +328,62 @@ def test_report_errors(tmp_path, capsys):
     )
     assert cli.main(["report", "--history", str(tmp_path / "h.csv"), "--sustain", "0"]) == 2
     assert "--sustain: 0 is not a number of runs" in capsys.readouterr().err
+
+
+FORMATS = "a history is a CSV table, or Parquet where the name ends in .parquet, as --gpumem-history writes it"
+
+
+def test_report_on_a_results_file_names_it_and_the_formats(pair, capsys):
+    pytest.importorskip("pandas")
+    a, _ = pair
+    assert cli.main(["report", "--history", a, "--no-plot"]) == 2
+    assert capsys.readouterr().err == (
+        f"gpumem report: error: {a}: holds JSON (a --gpumem-json results file?), not a history: {FORMATS}\n"
+    )
+
+
+def test_report_on_a_table_pandas_cannot_read_is_one_line(tmp_path, capsys):
+    pytest.importorskip("pandas")
+    (tmp_path / "h.csv").write_text('time,commit\n"unterminated\n')  # pandas: "Error tokenizing data. ...\n"
+    assert cli.main(["report", "--history", str(tmp_path / "h.csv"), "--no-plot"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"gpumem report: error: {tmp_path / 'h.csv'}: not a readable")
+    assert err.endswith(f"; {FORMATS}\n")
+
+
+# -- estimate: input checked before anything is estimated
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--compute-dtype", "int3"],
+            "--compute-dtype: unknown dtype 'int3'; choose one of bfloat16, float16, float32",
+        ),
+        (
+            ["--lora-targets", "foo_proj"],
+            "--lora-targets: 'foo_proj' names no layer LoRA can adapt in llama tiny; its layers: down_proj, "
+            "embed_tokens, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj",
+        ),
+        (["--lora-targets", "q_proj,self_attn"], "--lora-targets: 'self_attn' names no layer LoRA can adapt in*"),
+        (["--lora-targets", "q_proj,"], "--lora-targets: '' names no layer LoRA can adapt in llama tiny*"),
+        (["--lora-targets", "-q_proj"], "--lora-targets: '-q_proj' names no layer*"),
+    ],
+)
+def test_estimate_bad_input_is_exit_2_naming_the_option(capsys, args, message):
+    assert cli.main(["estimate", "--size", "tiny", "--seq", "64", "--no-levers", *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert fnmatch.fnmatch(captured.err, f"gpumem estimate: error: {message}\n"), captured.err
+
+
+def test_estimate_lora_targets_match_as_peft_matches_them(capsys):
+    args = ["estimate", "--size", "tiny", "--seq", "64", "--no-levers", "--json"]
+    assert cli.main([*args, "--lora-targets", "q_proj, self_attn.v_proj,model.layers.0.mlp.up_proj"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["method"] == "fake" and data["recipe"]["lora_targets"] == [
+        "q_proj",
+        "self_attn.v_proj",
+        "model.layers.0.mlp.up_proj",
+    ]

@@ -34,8 +34,27 @@ def run_marker(pytester: pytest.Pytester, marker: str, *args: str) -> pytest.Run
             'gpumem(metric="device")',
             "gpumem marker of test_mem.py::test_step: metric 'device' is not measured by the cpu backend*",
         ),
-        ('gpumem(budgt="1 GiB")', "gpumem marker of test_mem.py::test_step: got an unexpected keyword argument*"),
-        ('gpumem("1 GiB", "2%", "allocated", 4)', "gpumem marker of test_mem.py::test_step: too many positional*"),
+        (
+            'gpumem(budgt="1 GiB")',
+            "gpumem marker of test_mem.py::test_step: unknown keyword 'budgt'; did you mean 'budget'?",
+        ),
+        (
+            'gpumem(excluzive=True, leak="1 MiB")',
+            "gpumem marker of test_mem.py::test_step: unknown keyword 'excluzive'; did you mean 'exclusive'?",
+        ),
+        (
+            'gpumem(colour="red")',
+            "gpumem marker of test_mem.py::test_step: unknown keyword 'colour'; the keywords are budget, tolerance,*",
+        ),
+        (
+            'gpumem("1 GiB", "2%", "allocated", 4)',
+            "gpumem marker of test_mem.py::test_step: 4 positional arguments ('1 GiB', '2%', 'allocated', 4); "
+            "it takes at most 3 (budget, tolerance, metric), the rest by keyword",
+        ),
+        (
+            'gpumem("1 GiB", budget="2 GiB")',
+            "gpumem marker of test_mem.py::test_step: budget is given twice, by position and by keyword",
+        ),
         (
             'gpumem(budget_per_device={"cuda1": "1 GiB"})',
             "gpumem marker of test_mem.py::test_step: budget_per_device: 'cuda1' is not a device; write*",
@@ -51,7 +70,10 @@ def test_bad_marker_errors_that_test_in_one_line(pytester, marker, message):
     result = run_marker(pytester, marker)
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines([message])
-    assert "Traceback" not in result.stdout.str()
+    out = result.stdout.str()
+    assert "Traceback" not in out and "During handling" not in out
+    assert len([line for line in result.outlines if line.startswith("gpumem marker of")]) == 1  # printed once
+    assert "signature" not in out
 
 
 def test_marker_budget_as_positional_and_int(pytester):
@@ -74,6 +96,26 @@ def test_marker_budget_as_positional_and_int(pytester):
         ([], "gpumem_warn_only = maybe", {}, "ERROR: ini option gpumem_warn_only: 'maybe' is not a boolean*"),
         ([], "", {"GPUMEM_TOLERANCE": "5 parsecs"}, "ERROR: environment variable GPUMEM_TOLERANCE: '5 parsecs'*"),
         (["--gpumem-backend=cuda"], "", {}, "ERROR: --gpumem-backend cuda: no CUDA device is visible*"),
+        (
+            [],
+            "gpumem_pack_margin = 200%",
+            {},
+            "ERROR: ini option gpumem_pack_margin: '200%' would keep the whole device free; "
+            "a margin's percentage is under 100%",
+        ),
+        (["--gpumem-pack-margin=100%, 1 GiB"], "", {}, "ERROR: --gpumem-pack-margin: '100%, 1 GiB' would keep*"),
+        (
+            [],
+            "",
+            {"GPUMEM_GPUS_PER_WORKER": "\u00b2"},
+            "ERROR: environment variable GPUMEM_GPUS_PER_WORKER: '\u00b2' is not*",
+        ),
+        (
+            ["--gpumem-json=~no-such-user-here/x.json"],
+            "",
+            {},
+            "ERROR: --gpumem-json: '~no-such-user-here/x.json': cannot*",
+        ),
     ],
 )
 def test_bad_options_stop_the_run_naming_the_source(pytester, monkeypatch, args, ini, env, message):
@@ -98,11 +140,26 @@ def test_cli_beats_environment_beats_ini(pytester, monkeypatch):
     run_marker(pytester, "gpumem").assert_outcomes(passed=1)
 
 
-def test_baseline_directory_that_is_a_file(pytester):
+@pytest.mark.parametrize(
+    ("args", "ini", "env", "source"),
+    [
+        ([], "", {}, "--gpumem-baselines (default)"),
+        (["--gpumem-baselines=store"], "", {}, "--gpumem-baselines"),
+        ([], "", {"GPUMEM_BASELINES": "store"}, "environment variable GPUMEM_BASELINES"),
+        ([], "gpumem_baselines = store", {}, "ini option gpumem_baselines"),
+    ],
+)
+def test_baseline_directory_that_is_a_file_names_the_setting(pytester, monkeypatch, args, ini, env, source):
     (pytester.path / "baselines").write_text("not a directory")
-    result = run_marker(pytester, "gpumem")
+    (pytester.path / "store").write_text("not a directory")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    if ini:
+        pytester.makeini(f"[pytest]\n{ini}\n")
+    result = run_marker(pytester, "gpumem", *args)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["ERROR: *baselines: the baseline directory is a file, not a directory"])
+    name = "baselines" if source.endswith("(default)") else "store"
+    result.stderr.fnmatch_lines([f"ERROR: {source}: *{name}: the baseline directory is a file, not a directory"])
 
 
 @pytest.mark.parametrize(

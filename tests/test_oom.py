@@ -122,7 +122,11 @@ def test_parse_leak(value, expected):
 @pytest.mark.parametrize(
     ("parse", "value", "message"),
     [
-        (oom.parse_leak, True, "here: expected a tolerance such as '1 MiB' or '1%, 1 MiB', or False for no check"),
+        (
+            oom.parse_leak,
+            True,
+            "here: expected a tolerance such as '1 MiB' or '1%, 1 MiB', or False for no check; got True",
+        ),
         (oom.parse_leak, "lots", "here: 'lots' is not a tolerance*"),
         (oom.parse_device_limit, "16 gigs", "here: '16 gigs' is not a size*"),
         (oom.parse_device_limit, 0, "here: a device limit must be more than 0 bytes, got 0"),
@@ -603,7 +607,10 @@ def test_step():
         ("gpumem(leak=True)", "*test_step: leak: expected a tolerance such as '1 MiB' or '1%, 1 MiB', or False*"),
         ('gpumem(leak="some")', "*test_step: leak: 'some' is not a tolerance*"),
         ('gpumem(retry_on_oom="bs")', "*test_step: retry_on_oom: unknown knob 'bs'; choose one of batch, seq"),
-        ('gpumem(None, None, "allocated", "16 GiB")', "*test_step: too many positional arguments*"),
+        (
+            'gpumem(None, None, "allocated", "16 GiB")',
+            "*test_step: 4 positional arguments*at most 3 (budget, tolerance, metric)*",
+        ),
     ],
 )
 def test_bad_marker_values_error_that_test_in_one_line(pytester, marker, message):
