@@ -266,3 +266,10 @@ def _convert(option: Option, value: Any, source: str, base: Path) -> Any:
             raise BadValue(f"{source}: {value!r} is not a whole number of GPUs (1 or more)")
         return int(text)
     return value
+
+
+def source_of(config: Any, name: str) -> str | None:
+    """Where setting ``name`` was given (its option, environment variable or ini key); None: its default."""
+    option = next(o for o in OPTIONS if o.name == name)
+    found = _raw(config, option)
+    return None if found is None else found[1]
