@@ -450,6 +450,8 @@ class GpuMemPlugin:
         self.interrupted = True
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        from . import export, history  # pandas itself is imported only when a history is written
+
         if self.is_worker:
             return
         if self.controller is not None:  # a test queued to run alone that never did (an interrupted run)
@@ -477,18 +479,16 @@ class GpuMemPlugin:
                 with self._writing(session, "the Markdown report (--gpumem-markdown)"):
                     text = markdown.render(self.results, environment, settings.warn_only)
                     _write(settings.markdown, text)
-                    if os.environ.get("GITHUB_STEP_SUMMARY"):
-                        with open(os.environ["GITHUB_STEP_SUMMARY"], "a", encoding="utf-8") as handle:
+                summary = os.environ.get("GITHUB_STEP_SUMMARY")
+                if summary:
+                    with self._writing(session, "the job summary ($GITHUB_STEP_SUMMARY)"):
+                        with open(summary, "a", encoding="utf-8") as handle:  # appended to, as GitHub asks
                             handle.write(text)
             if settings.history:
-                from . import history
-
                 with self._writing(session, "the history (--gpumem-history)"):
                     info = history.run_info(Path(session.config.rootpath))
                     history.append(settings.history, self.results, software, info)
             for target in settings.export:
-                from . import export
-
                 with self._writing(session, f"the {target.format} export (--gpumem-export)"):
                     _write(target.path, export.render(target.format, self.results))
         except KeyboardInterrupt as exc:  # Ctrl-C while writing: one line, not a traceback
@@ -501,7 +501,7 @@ class GpuMemPlugin:
     @contextmanager
     def _writing(self, session: pytest.Session, what: str) -> Iterator[None]:
         """Report an output that could not be written, naming it, and go on with the next."""
-        from .history import HistoryError  # pandas itself is imported only when a history is written
+        from .history import HistoryError
 
         try:
             yield
