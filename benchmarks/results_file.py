@@ -14,7 +14,6 @@ import platform
 import shlex
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 SOFTWARE = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "pytest")
@@ -75,9 +74,7 @@ def header(title: str) -> str:
 
 def write(path: Path, text: str) -> None:
     """Write ``text`` as the whole of ``path``, atomically: a reader sees the old file or the new one."""
+    from pytest_gpumem.atomic import write_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as out:
-        out.write(text if text.endswith("\n") else text + "\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_atomic(path, text if text.endswith("\n") else text + "\n")

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .atomic import write_atomic
 from .export import parse_exports
 from .export import render as render_export
 from .history import STEP_TOLERANCE, SUSTAIN, HistoryError
@@ -35,7 +36,6 @@ from .merge import MergeError, merge
 from .report import json_report, markdown
 from .report.terminal import summary_lines
 from .sample import Baseline, Spec, TestResult
-from .store import write_atomic
 from .units import BadValue, Tolerance, parse_tolerance
 
 DEFAULT_TOLERANCE = Tolerance(percent=2.0)

@@ -18,18 +18,18 @@ level even when it is found runs later.
 
 from __future__ import annotations
 
+import io
 import os
 import statistics
 import subprocess
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .atomic import locked, write_atomic
 from .sample import METRICS, TestResult, largest
-from .store import locked
 from .units import Tolerance
 
 if TYPE_CHECKING:
@@ -148,6 +148,14 @@ def _parquet_engine(path: Path) -> None:
         ) from None
 
 
+def require_libraries(path: Path) -> None:
+    """Raise HistoryError, naming what to install, unless the libraries that write ``path`` are importable:
+    checked when the run starts, so that a missing one does not surface after the whole suite has run."""
+    _pandas()
+    if _is_parquet(path):
+        _parquet_engine(path)
+
+
 def load(path: str | os.PathLike[str]) -> pd.DataFrame:
     """The history table at ``path``, oldest run first, with ``value``/``baseline`` as nullable ints.
 
@@ -239,17 +247,13 @@ def append(
 
 
 def _write(path: Path, frame: pd.DataFrame) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        if _is_parquet(path):
-            frame.to_parquet(tmp, index=False)
-        else:
-            frame.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Render the whole table in memory, then replace the file atomically (see :mod:`.atomic`)."""
+    if _is_parquet(path):
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, index=False)
+        write_atomic(path, buffer.getvalue())
+    else:
+        write_atomic(path, frame.to_csv(index=False))
 
 
 # -- reading it: trends and steps

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 
-from . import meters, snapshot, trainer, workers
+from . import meters, preflight, snapshot, trainer, workers
+from .atomic import Interrupted, write_atomic
 from .environment import hardware_key, software_versions
 from .fixtures import (  # noqa: F401  (the fixtures are registered with the plugin)
     MEASUREMENT,
@@ -37,7 +39,7 @@ from .report import json_report, markdown
 from .report.terminal import failure_message, summary_lines
 from .sample import LEAK_FLAG, Advice, Baseline, Environment, Fit, Leak, OutOfMemory, Spec, TestResult, largest
 from .settings import Settings, add_options, resolve
-from .store import BaselineError, BaselineStore, UpdateSummary, write_atomic
+from .store import BaselineError, BaselineStore, UpdateSummary
 from .units import BadValue
 
 PLUGIN = pytest.StashKey["GpuMemPlugin"]()
@@ -61,6 +63,8 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(exc)) from None
     try:
         store = BaselineStore(settings.baselines, tolerate_unreadable=settings.update_baselines)
+        if not hasattr(config, "workerinput"):  # only the controller writes
+            preflight.check(settings)
         if settings.backend == "cuda":
             meters.resolve_backend("cuda")  # fail now, not in the first test, where no GPU is visible
     except BaselineError as exc:  # named with the option (or variable, or ini key) that chose the directory
@@ -125,6 +129,7 @@ class GpuMemPlugin:
         self.results: list[TestResult] = []
         self.updates: list[UpdateSummary] = []
         self.errors: list[str] = []
+        self.interrupted = False  # Ctrl-C (or pytest.exit) ended the run early
         self._meter: meters.Meter | None = None
         self._environment: Environment | None = None
         self.controller: workers.Controller | None = None  # with xdist and pinning or packing, on the controller
@@ -449,8 +454,11 @@ class GpuMemPlugin:
                 result.leak = Leak.from_dict(value["leak"])
                 return
 
+    def pytest_keyboard_interrupt(self) -> None:
+        self.interrupted = True
+
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        from .history import HistoryError  # pandas itself is imported only when a history is written
+        from . import export, history  # pandas itself is imported only when a history is written
 
         if self.is_worker:
             return
@@ -463,20 +471,50 @@ class GpuMemPlugin:
             "hardware": sorted({r.hardware for r in self.results}),
             "software": software,
         }
+        self.interrupted = self.interrupted or session.exitstatus == pytest.ExitCode.INTERRUPTED
+        settings = self.settings
         try:
-            if self.settings.update_baselines and self.results:
-                self._update_baselines(software)
-            if self.settings.json:
-                _write(self.settings.json, json_report.dumps(json_report.build(self.results, environment)))
-            if self.settings.markdown:
-                text = markdown.render(self.results, environment, self.settings.warn_only)
-                _write(self.settings.markdown, text)
-                if os.environ.get("GITHUB_STEP_SUMMARY"):
-                    with open(os.environ["GITHUB_STEP_SUMMARY"], "a", encoding="utf-8") as handle:
-                        handle.write(text)
-            _write_history_and_exports(self.settings, self.results, software, Path(session.config.rootpath))
+            if settings.update_baselines and self.results:
+                if self.interrupted:  # the tests it reached only, the last perhaps cut short: not a baseline
+                    self.errors.append("gpumem: baselines not updated: the run was interrupted")
+                else:
+                    with self._writing(session, "the baselines (--gpumem-update-baselines)"):
+                        self._update_baselines(software)
+            if settings.json:
+                with self._writing(session, "the JSON report (--gpumem-json)"):
+                    _write(settings.json, json_report.dumps(json_report.build(self.results, environment)))
+            if settings.markdown:
+                with self._writing(session, "the Markdown report (--gpumem-markdown)"):
+                    text = markdown.render(self.results, environment, settings.warn_only)
+                    _write(settings.markdown, text)
+                summary = os.environ.get("GITHUB_STEP_SUMMARY")
+                if summary:
+                    with self._writing(session, "the job summary ($GITHUB_STEP_SUMMARY)"):
+                        with open(summary, "a", encoding="utf-8") as handle:  # appended to, as GitHub asks
+                            handle.write(text)
+            if settings.history:
+                with self._writing(session, "the history (--gpumem-history)"):
+                    info = history.run_info(Path(session.config.rootpath))
+                    history.append(settings.history, self.results, software, info)
+            for target in settings.export:
+                with self._writing(session, f"the {target.format} export (--gpumem-export)"):
+                    _write(target.path, export.render(target.format, self.results))
+        except KeyboardInterrupt as exc:  # Ctrl-C while writing: one line, not a traceback
+            if isinstance(exc, Interrupted):
+                self.errors.append(f"gpumem: {exc}; nothing after it was written")
+            else:
+                self.errors.append("gpumem: interrupted while writing results; each file is the old one or the new one")
+            session.exitstatus = pytest.ExitCode.INTERRUPTED
+
+    @contextmanager
+    def _writing(self, session: pytest.Session, what: str) -> Iterator[None]:
+        """Report an output that could not be written, naming it, and go on with the next."""
+        from .history import HistoryError
+
+        try:
+            yield
         except (OSError, BaselineError, HistoryError) as exc:
-            self.errors.append(f"gpumem: could not write results: {exc}")
+            self.errors.append(f"gpumem: could not write {what}: {exc}")
             session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
 
     def _update_baselines(self, software: dict[str, str]) -> None:
@@ -505,6 +543,8 @@ class GpuMemPlugin:
             terminalreporter.write_line(line)
         for update in self.updates:
             line = f"baselines: {update.path}: {len(update.added)} added, {len(update.replaced)} replaced"
+            if update.unchanged:
+                line += f", {len(update.unchanged)} unchanged"
             if update.backup:
                 line += f"; the unreadable file it replaced is kept as {update.backup}"
             terminalreporter.write_line(line)
@@ -517,18 +557,3 @@ class GpuMemPlugin:
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, text)
-
-
-def _write_history_and_exports(
-    settings: Settings, results: list[TestResult], software: dict[str, str], root: Path
-) -> None:
-    """Append to ``--gpumem-history`` and write each ``--gpumem-export`` (controller only, like the reports).
-
-    The commit and branch of a history row are those of the rootdir's checkout (or of the CI's variables).
-    """
-    from . import export, history
-
-    if settings.history:
-        history.append(settings.history, results, software, history.run_info(root))
-    for target in settings.export:
-        _write(target.path, export.render(target.format, results))

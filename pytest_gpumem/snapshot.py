@@ -76,7 +76,7 @@ def file_name(nodeid: str) -> str:
 
 def write(snapshot: dict[str, Any], directory: Path, nodeid: str) -> Path:
     """Write ``snapshot`` as ``directory/<test>.pickle`` (atomically) and return its path."""
-    from .store import write_atomic
+    from .atomic import write_atomic
 
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / file_name(nodeid)

@@ -2,25 +2,32 @@
 
 Each file holds one hardware key's entries, keyed by test node id and dumped
 deterministically (sorted keys, two-space indent, trailing newline) so that a
-pull request's baseline diff reads like a table. Writes are atomic (a temp
-file in the same directory, then a rename) and serialized by a lock file, and
-each write re-reads the file under the lock, so concurrent runs merge instead
-of clobbering each other. A file that cannot be read stops the run; only an
-explicit update replaces it, and then it is kept beside as ``.bak``.
+pull request's baseline diff reads like a table. An entry keeps what repeats
+from run to run: the call phase's peaks (the judged figures), the named
+phases, the attribution and the software. The ``setup`` phase is left out:
+a broader-scoped fixture is made in the setup of whichever test happens to
+run first on its worker, so that figure moves with the scheduling (the JSON
+report keeps it). An entry measured again with the same figures is left as
+it is, its ``recorded`` time included, so a re-recording changes only what
+changed.
+
+Writes are atomic (see :mod:`.atomic`) and serialized by a lock on the
+directory, and each write re-reads the file under the lock, so concurrent
+runs merge instead of clobbering each other. A file that cannot be read
+stops the run; only an explicit update replaces it, and then a copy is kept
+beside it as ``.bak``. A file whose ``hardware`` field does not match its
+name is never read as another key's file, and never written over.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .atomic import locked, write_atomic
 from .sample import Baseline
 
 SCHEMA = "pytest-gpumem/baselines/v1"
@@ -37,12 +44,22 @@ class UpdateSummary:
     path: Path
     added: list[str] = field(default_factory=list)
     replaced: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
     backup: Path | None = None
+
+
+UNSTORED_PHASES = ("setup",)
+"""Phases measured but not stored: the setup's peak depends on which test made a broader-scoped fixture."""
 
 
 def file_name(hardware: str) -> str:
     """The file of a hardware key (``estimate:H100`` -> ``estimate-H100.json``)."""
     return re.sub(r"[^A-Za-z0-9.+_-]", "-", hardware) + ".json"
+
+
+def committed(baseline: Baseline) -> Baseline:
+    """The part of a measurement that is stored: every phase but the scheduling-dependent ones."""
+    return replace(baseline, phases={k: v for k, v in baseline.phases.items() if k not in UNSTORED_PHASES})
 
 
 def dumps(hardware: str, tests: dict[str, Baseline]) -> str:
@@ -79,6 +96,20 @@ def _check_peaks(peaks: Any) -> None:
                 raise ValueError(f"{metric} on {device} is {value!r}, not an int of bytes")
 
 
+class MisnamedFile(BaselineError):
+    """A baseline file whose ``hardware`` field is not the key its name says: a foreign file, never written
+    over, not even by an update."""
+
+
+def check_name(path: Path, hardware: str) -> None:
+    """Raise MisnamedFile unless ``path`` is the file of ``hardware``."""
+    if path.name != file_name(hardware):
+        raise MisnamedFile(
+            f"{path}: its 'hardware' field is {hardware!r} but its file name says {path.stem!r} "
+            f"(the file of {hardware!r} is {file_name(hardware)}); fix the field or rename the file"
+        )
+
+
 class BaselineStore:
     """All baseline files of one directory, loaded once per run."""
 
@@ -87,6 +118,7 @@ class BaselineStore:
 
         An unreadable file raises BaselineError, unless ``tolerate_unreadable``
         (an explicit update run): then it is remembered and reported as replaced.
+        A file whose hardware field disagrees with its name raises in either case.
         """
         self.directory = directory
         self.by_hardware: dict[str, dict[str, Baseline]] = {}
@@ -103,6 +135,7 @@ class BaselineStore:
                     raise
                 self.unreadable[path] = str(exc)
                 continue
+            check_name(path, hardware)
             self.by_hardware[hardware] = entries
 
     def lookup(self, hardware: str, nodeid: str) -> Baseline | None:
@@ -113,23 +146,39 @@ class BaselineStore:
         return sorted(hw for hw, entries in self.by_hardware.items() if nodeid in entries)
 
     def update(self, hardware: str, entries: dict[str, Baseline]) -> UpdateSummary:
-        """Merge ``entries`` into the hardware key's file, keeping every other entry."""
+        """Merge ``entries`` into the hardware key's file, keeping every other entry.
+
+        Each entry is stored as :func:`committed`; one whose stored form is what the
+        file holds already (its ``recorded`` time aside) keeps the file's. A file
+        that cannot be read is copied to a ``.bak`` first; a misnamed one raises.
+        """
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / file_name(hardware)
         summary = UpdateSummary(path=path)
         with locked(self.directory):
             current: dict[str, Baseline] = {}
-            if path.exists():
+            raw = _read_bytes(path)
+            if raw is not None:
                 try:
-                    _, current = parse(path, _read(path))
-                except BaselineError:
-                    summary.backup = path.with_name(path.name + ".bak")
-                    os.replace(path, summary.backup)
+                    stored, current = parse(path, raw.decode("utf-8"))
+                except (BaselineError, UnicodeDecodeError):
+                    summary.backup = _backup(path, raw)
+                else:
+                    check_name(path, stored)
+            merged = dict(current)  # the entries not measured now are left exactly as they are
             for nodeid in sorted(entries):
-                (summary.replaced if nodeid in current else summary.added).append(nodeid)
-            current.update(entries)
-            write_atomic(path, dumps(hardware, current))
-        self.by_hardware[hardware] = current
+                new = committed(entries[nodeid])
+                old = current.get(nodeid)
+                if old is None:
+                    summary.added.append(nodeid)
+                elif replace(new, recorded=old.recorded).to_dict() == committed(old).to_dict():
+                    summary.unchanged.append(nodeid)
+                    new = replace(new, recorded=old.recorded)  # the same figures, held since then
+                else:
+                    summary.replaced.append(nodeid)
+                merged[nodeid] = new
+            write_atomic(path, dumps(hardware, merged))
+        self.by_hardware[hardware] = merged
         return summary
 
 
@@ -140,31 +189,24 @@ def _read(path: Path) -> str:
         raise BaselineError(f"{path}: cannot be read ({exc.__class__.__name__}: {exc})") from None
 
 
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write ``data`` (text as UTF-8) to ``path`` so that readers see the old file or the new one, never a part."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _read_bytes(path: Path) -> bytes | None:
+    """The file's bytes; None where there is no file."""
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise BaselineError(f"{path}: cannot be read ({exc.__class__.__name__}: {exc})") from None
 
 
-@contextmanager
-def locked(directory: Path) -> Iterator[None]:
-    """Hold an exclusive POSIX advisory lock on ``directory`` itself (no lock file to commit)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: runs there are not expected to share a checkout
-        yield
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
+def _backup(path: Path, raw: bytes) -> Path:
+    """A copy of an unreadable file beside it, under a name no earlier backup holds (``.bak``, ``.bak1``, ...).
+
+    A copy, not a rename: until the new file replaces it, the file stays where it was."""
+    backup = path.with_name(path.name + ".bak")
+    n = 0
+    while backup.exists():
+        n += 1
+        backup = path.with_name(f"{path.name}.bak{n}")
+    write_atomic(backup, raw)
+    return backup

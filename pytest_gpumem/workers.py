@@ -24,13 +24,14 @@ from typing import Any
 
 import pytest
 
+from .atomic import write_atomic
 from .meters import resolve_backend
 from .packing import Demand, PackingScheduling
 from .pinning import ENV, PinningError, assign, group_for, groups, visible_devices, worker_index
 from .probe import DeviceFacts, ProbeError, physical_memory, probe
 from .sample import Baseline, TestResult
 from .settings import Settings
-from .store import BaselineStore, write_atomic
+from .store import BaselineStore
 
 DEVICES_KEY = "gpumem_devices"  # workerinput: the CUDA_VISIBLE_DEVICES a worker must see
 SHARED_KEY = "gpumem_shared"  # workerinput: the directory workers leave their collection's facts in

@@ -232,7 +232,9 @@ def test_plugin_refuses_a_foreign_history_file_and_says_so(pytester):
     (pytester.path / "h.csv").write_text("a,b\n1,2\n")
     result = pytester.runpytest("--gpumem-history=h.csv")
     assert result.ret == pytest.ExitCode.INTERNAL_ERROR
-    result.stdout.fnmatch_lines(["gpumem: could not write results: *h.csv: not a pytest-gpumem history table*"])
+    result.stdout.fnmatch_lines(
+        ["gpumem: could not write the history (--gpumem-history): *h.csv: not a pytest-gpumem history table*"]
+    )
     assert (pytester.path / "h.csv").read_text() == "a,b\n1,2\n"
 
 

@@ -66,7 +66,7 @@ def test_update_round_trip_then_ok(pytester):
     entry = stored["tests"]["test_mem.py::test_step"]
     assert stored["hardware"] == "cpu"
     assert entry["metrics"]["allocated"] == {"cpu": MiB}
-    assert entry["phases"]["setup"]["allocated"] == {"cpu": 0}
+    assert list(entry["phases"]) == ["call"]  # setup's peak depends on the scheduling: not stored
     assert entry["software"]["torch"] == torch.__version__
     assert entry["recorded"].endswith("+00:00")
     text = (pytester.path / "baselines" / "cpu.json").read_text()

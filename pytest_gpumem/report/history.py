@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..atomic import write_atomic
 from ..history import EXTRA_HINT, HistoryError, Series, Step, Trend
 from ..sample import METRICS
 from ..units import format_bytes, format_delta, format_percent
@@ -155,7 +156,10 @@ def figure(series: Sequence[Series], steps: Sequence[Step]) -> Figure:
 
 
 def write_png(fig: Figure, path: Path) -> None:
-    fig.savefig(path, format="png", dpi=110)
+    """The figure as a PNG file, written whole (see :mod:`..atomic`)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    write_atomic(path, buffer.getvalue())
 
 
 def svg(fig: Figure) -> str:
