@@ -68,36 +68,10 @@ def cell(value: int | None) -> str:
     return "-" if value is None else f"{value:,}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-sizes", default="tiny,1b")
-    parser.add_argument("--backend", default="cuda", choices=("cuda", "cpu"))
-    parser.add_argument("--select", help="only the example tests that match this pytest -k expression")
-    parser.add_argument("--out", type=Path, help="also write the results file here")
-    parser.add_argument("--smoke", action="store_true", help="CI: cpu backend, two tiny tests, a temporary --out")
-    options = parser.parse_args()
-    if options.smoke:
-        if options.out is not None:
-            parser.error("--smoke writes to a temporary file; leave out --out")
-        for name, value in SMOKE.items():
-            setattr(options, name, value)
-        options.out = smoke_out("gpu-examples.md")
-    if options.backend == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            sys.exit("needs a CUDA GPU (or --backend cpu)")
-    suite = setups()
-    from pytest_gpumem.models import ensure_checkpoint
-
-    for size in options.model_sizes.split(","):  # made before either run, so that neither pays for it
-        ensure_checkpoint(ROOT / ".pytest_cache" / "d" / "gpumem-models", "llama", size.strip())
-    with tempfile.TemporaryDirectory() as tmp:
-        first = run_suite("record", Path(tmp), options, "--gpumem-update-baselines")
-        second = run_suite("repeat", Path(tmp), options)
-
+def describe(report: dict[str, Any], suite: Any) -> tuple[list[str], list[str]]:
+    """The table's rows (one per training step) and the nf4 load footprints, from a run's JSON report."""
     rows, footprints = [], []
-    for test in sorted(first["tests"], key=lambda t: t["nodeid"]):
+    for test in sorted(report["tests"], key=lambda t: t["nodeid"]):
         name, _, params = test["nodeid"].partition("::")[2].partition("[")
         size, _, setup_name = params.rstrip("]").partition("-")
         call = test["sample"]["phases"]["call"]
@@ -118,6 +92,37 @@ def main() -> None:
                 footprints.append(
                     f"- {size}: nf4 {nf4 / 1e9:.2f} GB against bf16 {bf16 / 1e9:.2f} GB: {nf4 / bf16:.2f} of it"
                 )
+    return rows, footprints
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-sizes", default="tiny,1b")
+    parser.add_argument("--backend", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--select", help="only the example tests that match this pytest -k expression")
+    parser.add_argument("--out", type=Path, help="also write the results file here")
+    parser.add_argument("--smoke", action="store_true", help="CI: cpu backend, two tiny tests, a temporary --out")
+    options = parser.parse_args()
+    if options.smoke:
+        if options.out is not None:
+            parser.error("--smoke writes to a temporary file; leave out --out")
+        for name, value in SMOKE.items():
+            setattr(options, name, value)
+        options.out = smoke_out("gpu-examples.md")
+    if options.backend == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit("needs a CUDA GPU (or --backend cpu)")
+    from pytest_gpumem.models import ensure_checkpoint
+
+    for size in options.model_sizes.split(","):  # made before either run, so that neither pays for it
+        ensure_checkpoint(ROOT / ".pytest_cache" / "d" / "gpumem-models", "llama", size.strip())
+    with tempfile.TemporaryDirectory() as tmp:
+        first = run_suite("record", Path(tmp), options, "--gpumem-update-baselines")
+        second = run_suite("repeat", Path(tmp), options)
+
+    rows, footprints = describe(first, setups())
     verdicts = Counter(test["verdict"]["status"] for test in second["tests"])
     differences = [
         (abs(test["verdict"]["value"] - test["verdict"]["baseline"]), test["nodeid"])
