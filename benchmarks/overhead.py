@@ -9,9 +9,11 @@ with the ``gc.freeze()`` the plugin does before the first measured test (which
 makes the interpreter's own collections cheaper for the rest of the run), so
 that measuring itself is isolated; with the plugin. A round runs each side
 once, in an order that rotates from round to round, so that a machine shared
-with other work slows every side alike. The table gives each side's fastest
-and slowest run, the ratios of the fastest runs with their range over the
-rounds, and the cost per test.
+with other work slows every side alike. Two tables, one per clock: the CPU
+time of the pytest process (which other work on a shared machine changes
+little) and the wall time. Each gives every side's fastest and slowest run,
+the ratios of the fastest runs with their range over the rounds, and the cost
+per test.
 
     python benchmarks/overhead.py --backend cpu --out benchmarks/results/overhead-cpu.md
     python benchmarks/overhead.py --backend cuda --suites small --out benchmarks/results/overhead-cuda.md
@@ -21,6 +23,7 @@ rounds, and the cost per test.
 from __future__ import annotations
 
 import argparse
+import resource
 import subprocess
 import sys
 import tempfile
@@ -45,54 +48,85 @@ def test_small(i):
     (x @ x).relu_().sum().item()
 """
 SIDES = ("without", "frozen", "with")
+CLOCKS = {
+    "cpu": "CPU time of the pytest process (user and system, all its threads): what measuring costs in work, "
+    "which other work on a shared machine changes little",
+    "wall": "Wall time: what a user waits",
+}
 
 
-def run(args: list[str], cwd: Path, plugin: bool, freeze: bool = False) -> float:
+def run(args: list[str], cwd: Path, plugin: bool, freeze: bool = False) -> dict[str, float]:
+    """One pytest run in a fresh process: its wall time, and its CPU time (user and system, threads
+    included), which other work on a shared machine changes far less."""
     env = pytest_subprocess.environment(GPUMEM_STUB_FREEZE=str(int(freeze)))
-    start = time.perf_counter()
     command = pytest_subprocess.command("-q", *args, plugin=plugin)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
     done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
-    elapsed = time.perf_counter() - start
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         sys.exit(f"benchmark run failed: {' '.join(args)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return elapsed
+    return {"wall": wall, "cpu": after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime}
 
 
 def spread(values: list[float], digits: int) -> str:
-    """The fastest and the slowest, or the one value."""
+    """The smallest and the largest, or the one value."""
     low, high = min(values), max(values)
     return f"{low:.{digits}f}" if len(values) == 1 else f"{low:.{digits}f} to {high:.{digits}f}"
 
 
-def measure(name: str, target: list[str], cwd: Path, backend: str, repeat: int, tests: int) -> list[str]:
+def measure(target: list[str], cwd: Path, backend: str, repeat: int, name: str) -> dict[str, list[dict[str, float]]]:
+    """Every side's runs, ``repeat`` rounds of one run each, in an order that rotates from round to round."""
     plain = ["-p", "no:gpumem", "-p", "stub_gpumem", *target]
     commands = {  # side: its arguments, whether the plugin is loaded, whether the stand-in freezes
         "without": (plain, False, False),
         "frozen": (plain, False, True),
         "with": ([f"--gpumem-backend={backend}", *target], True, False),
     }
-    times: dict[str, list[float]] = {side: [] for side in SIDES}
+    runs: dict[str, list[dict[str, float]]] = {side: [] for side in SIDES}
     for round_ in range(repeat):
         for side in SIDES[round_ % 3 :] + SIDES[: round_ % 3]:
             args, plugin, freeze = commands[side]
-            times[side].append(run(args, cwd, plugin, freeze))
-        print(f"{name}, round {round_ + 1}: " + ", ".join(f"{s} {times[s][-1]:.2f} s" for s in SIDES), file=sys.stderr)
+            runs[side].append(run(args, cwd, plugin, freeze))
+        print(
+            f"{name}, round {round_ + 1}: "
+            + ", ".join(f"{s} {runs[s][-1]['wall']:.2f} s wall, {runs[s][-1]['cpu']:.2f} s cpu" for s in SIDES),
+            file=sys.stderr,
+        )
+    return runs
+
+
+def row(name: str, tests: int, runs: dict[str, list[dict[str, float]]], clock: str) -> list[str]:
+    """A suite's row for one clock: each side's fastest to slowest run; the ratios and the cost per test of
+    the fastest runs, and in brackets their range over the rounds (each round's sides against each other)."""
+    times = {side: [r[clock] for r in runs[side]] for side in SIDES}
     with_, without, frozen = (min(times[side]) for side in ("with", "without", "frozen"))
     by_round = list(zip(times["with"], times["without"], times["frozen"], strict=True))
+    several = len(by_round) > 1
     ratios = [w / o for w, o, _ in by_round]
     frozen_ratios = [w / f for w, _, f in by_round]
     costs = [(w - f) / tests * 1000 for w, _, f in by_round]
-    fastest = f"{with_ / without:.3f}", f"{with_ / frozen:.3f}", f"{(with_ - frozen) / tests * 1000:.2f}"
     return [
         name,
         str(tests),
         spread(times["without"], 2),
         spread(times["frozen"], 2),
         spread(times["with"], 2),
-        fastest[0] + ("" if repeat == 1 else f" ({spread(ratios, 3)})"),
-        fastest[1] + ("" if repeat == 1 else f" ({spread(frozen_ratios, 3)})"),
-        fastest[2] + ("" if repeat == 1 else f" ({spread(costs, 2)})"),
+        f"{with_ / without:.3f}" + (f" ({spread(ratios, 3)})" if several else ""),
+        f"{with_ / frozen:.3f}" + (f" ({spread(frozen_ratios, 3)})" if several else ""),
+        f"{(with_ - frozen) / tests * 1000:.2f}" + (f" ({spread(costs, 2)})" if several else ""),
     ]
+
+
+def table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for i, cells in enumerate(rows):
+        lines.append("| " + " | ".join(cell.ljust(w) for cell, w in zip(cells, widths, strict=True)) + " |")
+        if i == 0:
+            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return lines
 
 
 def main() -> None:
@@ -110,20 +144,18 @@ def main() -> None:
         for name, value in SMOKE.items():
             setattr(options, name, value)
         options.out = smoke_out("overhead.md")
-    rows = [
-        [
-            "suite",
-            "tests",
-            "without (s)",
-            "without, gc frozen (s)",
-            "with plugin (s)",
-            "ratio",
-            "ratio to frozen",
-            "cost per test vs frozen (ms)",
-        ]
+    columns = [
+        "suite",
+        "tests",
+        "without (s)",
+        "without, gc frozen (s)",
+        "with plugin (s)",
+        "ratio",
+        "ratio to frozen",
+        "cost per test vs frozen (ms)",
     ]
-    suites = options.suites.split(",")
-    if "examples" in suites:
+    suites: dict[str, tuple[int, dict[str, list[dict[str, float]]]]] = {}
+    if "examples" in options.suites.split(","):
         listed = subprocess.run(
             pytest_subprocess.command("--collect-only", "-q", "examples"),
             cwd=ROOT,
@@ -132,27 +164,24 @@ def main() -> None:
             text=True,
         ).stdout
         count = sum("::" in line for line in listed.splitlines())
-        rows.append(measure("examples", ["examples"], ROOT, options.backend, options.repeat, count))
-    if "small" in suites:
+        suites["examples"] = count, measure(["examples"], ROOT, options.backend, options.repeat, "examples")
+    if "small" in options.suites.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             Path(tmp, "test_small.py").write_text(SMALL_SUITE.format(tests=options.small_tests))
-            rows.append(
-                measure("small", ["test_small.py"], Path(tmp), options.backend, options.repeat, options.small_tests)
-            )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+            runs = measure(["test_small.py"], Path(tmp), options.backend, options.repeat, "small")
+            suites["small"] = options.small_tests, runs
     lines = [
         f"Backend {options.backend}; {options.repeat} round(s), each running every side once in a fresh "
-        "process, in an order that rotates from round to round. Times: fastest to slowest run. Ratios and "
-        "cost: of the fastest runs, and in brackets their range over the rounds (each round's sides against "
+        "process, in an order that rotates from round to round. Times: the fastest to the slowest run. Ratios "
+        "and cost: of the fastest runs, and in brackets their range over the rounds (each round's sides against "
         "each other).",
         "",
     ]
-    for i, row in enumerate(rows):
-        lines.append("| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |")
-        if i == 0:
-            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for clock, what in CLOCKS.items():
+        lines += [f"{what}:", ""]
+        lines += table([columns] + [row(name, tests, runs, clock) for name, (tests, runs) in suites.items()])
+        lines.append("")
     lines += [
-        "",
         "`examples` is the bundled example suite (`python -m pytest examples`: tiny model loads, LoRA and two "
         'AdamW steps each); `small` is measured tests of a 64x64 matrix product each. "ratio" compares with '
         "`-p no:gpumem`, whose side runs `benchmarks/stub_gpumem.py`: the model fixtures and a `gpumem` fixture "
