@@ -35,7 +35,7 @@ from results_file import check_written, publish, smoke_out
 
 ROOT = Path(__file__).resolve().parent.parent
 TITLE = "Overhead of measuring: the same suites with the plugin and without it"
-SMOKE = {"backend": "cpu", "suites": "small", "small_tests": 10, "repeat": 1}
+SMOKE = {"backend": "cpu", "suites": "small", "small_tests": 10, "repeat": 1, "threads": 1}
 SMALL_SUITE = """
 import pytest, torch
 
@@ -55,10 +55,13 @@ CLOCKS = {
 }
 
 
-def run(args: list[str], cwd: Path, plugin: bool, freeze: bool = False) -> dict[str, float]:
+def run(args: list[str], cwd: Path, plugin: bool, freeze: bool, threads: int | None) -> dict[str, float]:
     """One pytest run in a fresh process: its wall time, and its CPU time (user and system, threads
     included), which other work on a shared machine changes far less."""
-    env = pytest_subprocess.environment(GPUMEM_STUB_FREEZE=str(int(freeze)))
+    extra = {"GPUMEM_STUB_FREEZE": str(int(freeze))}
+    if threads is not None:  # torch's intra-op threads: fewer threads spin less while they wait for a core
+        extra.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env = pytest_subprocess.environment(**extra)
     command = pytest_subprocess.command("-q", *args, plugin=plugin)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
@@ -76,19 +79,19 @@ def spread(values: list[float], digits: int) -> str:
     return f"{low:.{digits}f}" if len(values) == 1 else f"{low:.{digits}f} to {high:.{digits}f}"
 
 
-def measure(target: list[str], cwd: Path, backend: str, repeat: int, name: str) -> dict[str, list[dict[str, float]]]:
+def measure(target: list[str], cwd: Path, options: argparse.Namespace, name: str) -> dict[str, list[dict[str, float]]]:
     """Every side's runs, ``repeat`` rounds of one run each, in an order that rotates from round to round."""
     plain = ["-p", "no:gpumem", "-p", "stub_gpumem", *target]
     commands = {  # side: its arguments, whether the plugin is loaded, whether the stand-in freezes
         "without": (plain, False, False),
         "frozen": (plain, False, True),
-        "with": ([f"--gpumem-backend={backend}", *target], True, False),
+        "with": ([f"--gpumem-backend={options.backend}", *target], True, False),
     }
     runs: dict[str, list[dict[str, float]]] = {side: [] for side in SIDES}
-    for round_ in range(repeat):
+    for round_ in range(options.repeat):
         for side in SIDES[round_ % 3 :] + SIDES[: round_ % 3]:
             args, plugin, freeze = commands[side]
-            runs[side].append(run(args, cwd, plugin, freeze))
+            runs[side].append(run(args, cwd, plugin, freeze, options.threads))
         print(
             f"{name}, round {round_ + 1}: "
             + ", ".join(f"{s} {runs[s][-1]['wall']:.2f} s wall, {runs[s][-1]['cpu']:.2f} s cpu" for s in SIDES),
@@ -135,6 +138,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5, help="rounds (default: 5)")
     parser.add_argument("--suites", default="examples,small")
     parser.add_argument("--small-tests", type=int, default=200, help="tests in the small suite (default: 200)")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads in every run (OMP_NUM_THREADS; default: torch's own choice)"
+    )
     parser.add_argument("--out", type=Path, help="also write the results file here")
     parser.add_argument("--smoke", action="store_true", help="CI: 10 small tests on the cpu, one round")
     options = parser.parse_args()
@@ -164,14 +170,16 @@ def main() -> None:
             text=True,
         ).stdout
         count = sum("::" in line for line in listed.splitlines())
-        suites["examples"] = count, measure(["examples"], ROOT, options.backend, options.repeat, "examples")
+        suites["examples"] = count, measure(["examples"], ROOT, options, "examples")
     if "small" in options.suites.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             Path(tmp, "test_small.py").write_text(SMALL_SUITE.format(tests=options.small_tests))
-            runs = measure(["test_small.py"], Path(tmp), options.backend, options.repeat, "small")
+            runs = measure(["test_small.py"], Path(tmp), options, "small")
             suites["small"] = options.small_tests, runs
     lines = [
-        f"Backend {options.backend}; {options.repeat} round(s), each running every side once in a fresh "
+        f"Backend {options.backend}; "
+        + (f"torch threads {options.threads} (OMP_NUM_THREADS); " if options.threads else "")
+        + f"{options.repeat} round(s), each running every side once in a fresh "
         "process, in an order that rotates from round to round. Times: the fastest to the slowest run. Ratios "
         "and cost: of the fastest runs, and in brackets their range over the rounds (each round's sides against "
         "each other).",

@@ -11,6 +11,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 TMPDIR=$(mktemp -d)
 export TMPDIR
 trap 'rm -rf "$TMPDIR"' EXIT
+touch "$TMPDIR/start"
 
 MODULES=" benchmarks/results_file.py benchmarks/pytest_subprocess.py benchmarks/stub_gpumem.py "
 for script in benchmarks/*.py; do
@@ -20,6 +21,9 @@ for script in benchmarks/*.py; do
     "$python" "$script" --smoke
     echo "== $script --smoke: ok in $((SECONDS - start)) s"
 done
+
+written=$(find benchmarks/results -newer "$TMPDIR/start" -print)
+[[ -z $written ]] || { echo "a --smoke run wrote into benchmarks/results: $written" >&2; exit 1; }
 
 echo "== ruff check, ruff format --check, mypy"
 "$python" -m ruff check pytest_gpumem benchmarks tests
