@@ -1,17 +1,21 @@
 """How close the advisor's estimates come to what its levers really save.
 
-One configuration, as a QLoRA recipe sets it up: a Llama-shaped model with
-random weights, nf4 with double quantization, LoRA on all linear layers, no
-gradient checkpointing, AdamW, two steps. It runs for real inside a
-measurement, so that the attribution is taken; the advisor then estimates
-every lever from it, and measures the levers that are knobs of the step by
-running the step again with the knob turned. The rank lever is not a knob:
-it is measured by running the whole configuration again with half the rank
-(a separate model load). The table gives each lever's estimate, its
-measurement and the error of the estimate (|estimated - measured| / measured).
+A configuration, as a QLoRA recipe sets it up: a Llama-shaped model with
+random weights, nf4 with double quantization, LoRA on all linear layers,
+AdamW, ``--steps`` steps, with or without gradient checkpointing. It runs for
+real inside a measurement, registered as a user's own test registers its
+step (``gpumem.register(model=..., step=..., batch=..., ...)``), so that the
+attribution is taken; the advisor then estimates every lever from it, and
+measures the levers that are knobs of the step by running the step again
+with the knob turned. The rank lever is not a knob: it is measured by running
+the whole configuration again with half the rank (a separate model load).
+Each table gives every lever's estimate, its measurement and the error of the
+estimate (|estimated - measured| / measured).
 
     python benchmarks/advisor_accuracy.py --backend cpu                      # tiny, batch 4 x seq 64
-    python benchmarks/advisor_accuracy.py --size 8b --out benchmarks/results/advisor-accuracy.md
+    python benchmarks/advisor_accuracy.py --size 1b --checkpointing off,on \\
+        --out benchmarks/results/advisor-accuracy.md
+    python benchmarks/advisor_accuracy.py --smoke                            # CI: tiny sizes, CPU, seconds
 """
 
 from __future__ import annotations
@@ -24,8 +28,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from results_file import check_written, publish, smoke_out
+
+TITLE = "Advisor accuracy: each lever's estimated saving against the saving measured by re-running the step"
 GPU_DEFAULTS = {"batch": 4, "seq": 1024}
 CPU_DEFAULTS = {"batch": 4, "seq": 64}
+CONSUMERS = ("weights", "gradients", "optimizer", "activations")
+SMOKE = {"size": "tiny", "batch": 2, "seq": 32, "steps": 1, "checkpointing": "off,on", "backend": "cpu"}
 
 
 def _free() -> None:
@@ -36,44 +45,106 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def run_configuration(path: Path, backend: str, args: argparse.Namespace, r: int, attribute: bool) -> Any:
-    """Load, prepare and train the configuration with LoRA rank ``r`` inside a measurement; returns its
-    sample, the measurement (finished) and the model."""
-    import torch
-
-    from pytest_gpumem import meters, models, training
-    from pytest_gpumem.measurement import Measurement
-
-    device_map = {"": torch.cuda.current_device()} if backend == "cuda" else None
-    measurement = Measurement(meters.create(backend, attribute=attribute))
-    measurement.enter("call")
-    with measurement.stage("load"):
-        model = models.load(path, "nf4", True, "bfloat16", device_map)
-    model = models.add_lora(model, r=r, gradient_checkpointing=args.checkpointing)
-    measurement.register_model(model)
-    knobs = knobs_of(args)
-    training.train_steps(model, **knobs, phase=measurement.phase)
-    measurement.exit("call")
-    sample = measurement.finish()
-    return sample, measurement, model
-
-
-def knobs_of(args: argparse.Namespace) -> dict[str, Any]:
+def knobs_of(args: argparse.Namespace, checkpointing: bool) -> dict[str, Any]:
+    """The step's knobs, as a test would register them."""
     return {
         "batch": args.batch,
         "seq": args.seq,
         "steps": args.steps,
         "accumulation": 1,
-        "gradient_checkpointing": args.checkpointing,
+        "gradient_checkpointing": checkpointing,
         "autocast": None,
         "optimizer": "adamw",
     }
+
+
+def run_configuration(path: Path, backend: str, knobs: dict[str, Any], r: int, attribute: bool) -> Any:
+    """Load, prepare and train the configuration with LoRA rank ``r`` inside a measurement, registered
+    through the ``gpumem`` fixture's API; returns the sample and the (finished) measurement."""
+    import torch
+
+    from pytest_gpumem import meters, models, training
+    from pytest_gpumem.fixtures import GpuMem
+    from pytest_gpumem.measurement import Measurement
+
+    device_map = {"": torch.cuda.current_device()} if backend == "cuda" else None
+    measurement = Measurement(meters.create(backend, attribute=attribute))
+    gpumem = GpuMem(measurement)  # what a test's ``gpumem`` fixture is
+    measurement.enter("call")
+    with measurement.stage("load"):
+        model = models.load(path, "nf4", True, "bfloat16", device_map)
+    model = models.add_lora(model, r=r, gradient_checkpointing=knobs["gradient_checkpointing"])
+    gpumem.register(model=model, step=functools.partial(training.train_steps, model), **knobs)
+    training.train_steps(model, **knobs, phase=measurement.phase)
+    measurement.exit("call")
+    return measurement.finish(), measurement
 
 
 def error_percent(estimated: int | None, measured: int | None) -> str:
     if estimated is None or measured is None or measured <= 0:
         return "-"
     return f"{abs(estimated - measured) / measured:.1%}"
+
+
+def accuracy(path: Path, backend: str, args: argparse.Namespace, checkpointing: bool) -> list[str]:
+    """One configuration's lines: what it is, its peak, the table of levers and their bases."""
+    import torch
+
+    from pytest_gpumem import advisor, introspect, meters, whatif
+    from pytest_gpumem.units import format_bytes
+
+    knobs = knobs_of(args, checkpointing)
+    configuration = (
+        f"{args.arch} {args.size}, nf4 + double quant, LoRA r{args.r} all-linear, batch {args.batch} x seq "
+        f"{args.seq}, {'' if checkpointing else 'no '}checkpointing, AdamW, steps {args.steps} ({backend})"
+    )
+    print(configuration, file=sys.stderr)
+    sample, measurement = run_configuration(path, backend, knobs, args.r, attribute=True)
+    attribution = sample.attribution
+    registration = measurement.registration
+    setup = introspect.inspect_setup(
+        registration.models, registration.optimizers, registration.knobs, measurement.probe
+    )
+    peak = sample.value("allocated") or 0
+    measure = whatif.make_measure(registration, lambda: meters.create(backend, attribute=False))
+    advice = advisor.advise(attribution, setup, introspect.findings(setup), None, registration.knobs, measure)
+    rows = [
+        (lever.key, lever.action, lever.estimated, lever.saving if lever.source == "measured" else None, lever.basis)
+        for lever in advice.levers
+    ]
+    del measurement, registration, measure, setup
+    _free()
+    if any(key == "rank" for key, *_ in rows):
+        half, _ = run_configuration(path, backend, knobs, args.r // 2, attribute=False)
+        measured = peak - (half.value("allocated") or 0)
+        rows = [(k, a, e, measured if k == "rank" else m, b) for k, a, e, m, b in rows]
+        del half
+        _free()
+
+    short = f"{args.size} b{args.batch}x{args.seq} r{args.r}{' gc' if checkpointing else ''}"
+    lines = [
+        f"## {short}",
+        "",
+        f"Configuration: {configuration}. Peak allocated {format_bytes(peak)}"
+        + (
+            ": "
+            + ", ".join(f"{name} {format_bytes(getattr(attribution.peak, name))}" for name in CONSUMERS)
+            + f" ({format_bytes(attribution.peak.layer_activations)} of them in the decoder layers)"
+            if attribution
+            else ", no attribution (modelled from the model's shape)"
+        )
+        + f"; torch {torch.__version__}.",
+        "",
+        "| configuration | lever | action | estimated | measured | error |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for key, action, estimated, measured, _basis in rows:
+        lines.append(
+            f"| {short} | {key} | {action} | {format_bytes(estimated)} | {format_bytes(measured)} "
+            f"| {error_percent(estimated, measured)} |"
+        )
+    lines += ["", "Bases:", ""] + [f"- {key}: {basis}" for key, _a, _e, _m, basis in rows] + [""]
+    return lines
 
 
 def main() -> None:
@@ -84,17 +155,27 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=None, help="sequence length (default: 1024 on cuda, 64 on cpu)")
     parser.add_argument("--r", type=int, default=16, help="LoRA rank (default: 16; the rank lever runs r/2)")
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--checkpointing", action="store_true", help="with gradient checkpointing (default: off)")
+    parser.add_argument(
+        "--checkpointing",
+        default="off",
+        help="gradient checkpointing of each configuration, in order: off, on, or off,on (default: off)",
+    )
     parser.add_argument("--backend", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "gpumem-models")
-    parser.add_argument("--out", type=Path, default=None, help="also write the Markdown table here")
+    parser.add_argument("--out", type=Path, default=None, help="also write the results file here")
+    parser.add_argument("--smoke", action="store_true", help="CI: tiny model, CPU, one step, a temporary --out")
     args = parser.parse_args()
+    if args.smoke:
+        if args.out is not None:
+            parser.error("--smoke writes to a temporary file; leave out --out")
+        for name, value in SMOKE.items():
+            setattr(args, name, value)
+        args.out = smoke_out("advisor-accuracy.md")
+    settings = [part.strip() for part in args.checkpointing.split(",")]
+    if not settings or any(part not in ("off", "on") for part in settings):
+        parser.error(f"--checkpointing {args.checkpointing!r}: give off, on, or off,on")
 
-    import torch
-
-    from pytest_gpumem import advisor, introspect, meters, models, training, whatif
-    from pytest_gpumem.measurement import Registration
-    from pytest_gpumem.units import format_bytes
+    from pytest_gpumem import meters, models
 
     backend = meters.resolve_backend(args.backend)
     defaults = GPU_DEFAULTS if backend == "cuda" else CPU_DEFAULTS
@@ -102,69 +183,17 @@ def main() -> None:
     args.seq = args.seq or defaults["seq"]
     args.model_dir.mkdir(parents=True, exist_ok=True)
     path = models.ensure_checkpoint(args.model_dir, args.arch, args.size)
-    configuration = (
-        f"{args.arch} {args.size}, nf4 + double quant, LoRA r{args.r} all-linear, batch {args.batch} x seq "
-        f"{args.seq}, {'' if args.checkpointing else 'no '}checkpointing, AdamW, {args.steps} steps ({backend})"
-    )
-    print(configuration, file=sys.stderr)
-
-    sample, measurement, model = run_configuration(path, backend, args, args.r, attribute=True)
-    attribution = sample.attribution
-    knobs = knobs_of(args)
-    setup = introspect.inspect_setup([model], [], knobs, measurement.probe)
-    findings = introspect.findings(setup)
-    peak = sample.value("allocated") or 0
-    if attribution is None:
-        print(
-            "no attribution was taken (the meter kept no storage tracker): the estimates below are modelled "
-            "from the model's shape alone",
-            file=sys.stderr,
-        )
-    else:
-        print(
-            f"peak {format_bytes(peak)}: {attribution.peak} in {attribution.stage} ({attribution.phase})",
-            file=sys.stderr,
-        )
-    registration = Registration(models=[model], step=functools.partial(training.train_steps, model), knobs=knobs)
-    measure = whatif.make_measure(registration, lambda: meters.create(backend, attribute=False))
-    advice = advisor.advise(attribution, setup, findings, None, knobs, measure)
-    rows = []
-    for lever in advice.levers:
-        measured = lever.saving if lever.source == "measured" else None
-        rows.append((lever.key, lever.action, lever.estimated, measured, lever.basis))
-
-    rank = next((lever for lever in advice.levers if lever.key == "rank"), None)
-    if rank is not None:
-        del model, measurement, registration, measure
-        _free()
-        half, _, _ = run_configuration(path, backend, args, args.r // 2, attribute=False)
-        measured = peak - (half.value("allocated") or 0)
-        rows = [
-            (key, action, est, measured if key == "rank" else meas, basis) for key, action, est, meas, basis in rows
-        ]
-        del half
-        _free()
-
     lines = [
-        f"Configuration: {configuration}. Peak allocated {format_bytes(peak)}"
-        + (f", {attribution.peak}" if attribution else ", no attribution")
-        + f"; torch {torch.__version__}.",
+        "Every configuration runs for real inside a measurement; each lever that is a knob of the step is "
+        "measured by running the step again with that knob turned, the rank lever by running the configuration "
+        "again at half the rank. Error: |estimated - measured| / measured.",
         "",
-        "| configuration | lever | action | estimated | measured | error |",
-        "|---|---|---|---:|---:|---:|",
     ]
-    short = f"{args.size} b{args.batch}x{args.seq} r{args.r}{' gc' if args.checkpointing else ''}"
-    for key, action, estimated, measured, _basis in rows:
-        lines.append(
-            f"| {short} | {key} | {action} | {format_bytes(estimated)} | {format_bytes(measured)} "
-            f"| {error_percent(estimated, measured)} |"
-        )
-    lines += ["", "Bases:", ""] + [f"- {key}: {basis}" for key, _a, _e, _m, basis in rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    for setting in settings:
+        lines += accuracy(path, backend, args, checkpointing=setting == "on")
+    publish("\n".join(lines), args.out, TITLE)
+    if args.smoke:
+        check_written(args.out, TITLE)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,12 @@ import platform
 import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 SOFTWARE = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "pytest")
+COMMIT_ENV = "GPUMEM_BENCH_COMMIT"
+"""Names the commit where the tree was copied without its ``.git`` (read only then)."""
 
 
 def command() -> str:
@@ -29,10 +32,16 @@ def commit() -> str:
     root = Path(__file__).resolve().parent.parent
 
     def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
+        try:
+            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
+        except OSError:  # no git on this machine
+            return ""
         return done.stdout.strip() if done.returncode == 0 else ""
 
-    head = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    head = git("rev-parse", "--short=12", "HEAD")
+    if not head:  # a copy of the tree without .git (a GPU machine's working copy): the commit it was told
+        given = os.environ.get(COMMIT_ENV, "").strip()
+        return f"{given} (from {COMMIT_ENV}; no git checkout to compare with)" if given else "unknown"
     return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
@@ -61,6 +70,11 @@ def machine() -> str:
     return f"no GPU, {platform.processor() or platform.machine()}, {cores}"
 
 
+def fields() -> dict[str, str]:
+    """The header's facts, for the top level of a JSON results file."""
+    return {"command": command(), "commit": commit(), "software": software(), "machine": machine()}
+
+
 def header(title: str) -> str:
     """The lines that open every results file: a title, then command, commit, software and machine."""
     return (
@@ -78,3 +92,28 @@ def write(path: Path, text: str) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, text if text.endswith("\n") else text + "\n")
+
+
+def publish(body: str, out: Path | None, title: str) -> None:
+    """Print ``body`` and, with ``out``, write it there whole under the header: the file holds what the
+    script printed and nothing else."""
+    body = body if body.endswith("\n") else body + "\n"
+    sys.stdout.write(body)
+    sys.stdout.flush()
+    if out is not None:
+        write(out, header(title) + "\n" + body)
+
+
+def smoke_out(name: str) -> Path:
+    """Where a ``--smoke`` run writes its results file: a fresh temporary directory, never
+    ``benchmarks/results``."""
+    return Path(tempfile.mkdtemp(prefix="gpumem-smoke-")) / name
+
+
+def check_written(path: Path, title: str) -> None:
+    """A ``--smoke`` run's last check: the file it wrote opens with the header and holds a table."""
+    text = path.read_text(encoding="utf-8")
+    opening = f"# {title}\n\n- command: `"
+    if not text.startswith(opening) or "\n- machine: " not in text or "\n|" not in text:
+        raise SystemExit(f"{path}: not a results file (no header, or no table):\n{text[:400]}")
+    print(f"smoke: wrote {path} ({len(text)} characters, header and table)", file=sys.stderr)

@@ -52,8 +52,13 @@ class GpuMem:
         ``gradient_checkpointing``, ``autocast``, ``optimizer``: those it
         accepts), runs one training step; with it, the advisor measures what
         each lever saves by running it again with one knob changed. ``knobs``
-        are the values the test ran with, e.g. ``batch=4, seq=1024``.
+        are the values the test ran with, e.g. ``batch=4, seq=1024``. A string
+        ``optimizer`` is that knob (``optimizer="adamw"``: the step makes its own
+        optimizer of that kind), not an optimizer to inspect.
         """
+        if isinstance(optimizer, str):  # the knob shares its name with the optimizer object
+            knobs["optimizer"] = optimizer
+            optimizer = None
         unknown = sorted(set(knobs) - set(KNOBS))
         if unknown:
             raise ValueError(f"gpumem.register: unknown knob {unknown[0]!r}; known knobs: {', '.join(KNOBS)}")

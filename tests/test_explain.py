@@ -189,6 +189,32 @@ def test_explain_none_estimates_without_running_again(pytester):
     assert tests["test_step.py::test_passing"]["advice"] is not None
 
 
+def test_the_optimizer_knob_registers_as_a_knob_beside_the_other_knobs(pytester):
+    """``optimizer="adamw"`` names the kind of optimizer the step makes: the optimizer lever applies to it."""
+    pytester.makepyfile(
+        test_own="""
+        import pytest, torch
+
+        @pytest.mark.gpumem(budget="1 MiB")
+        def test_own(gpumem):
+            model = torch.nn.Linear(256, 256)
+
+            def step(batch=64, optimizer="adamw"):
+                assert optimizer in ("adamw", "adamw8bit")
+                opt = torch.optim.AdamW(model.parameters())
+                model(torch.randn(batch, 256)).square().mean().backward()
+                opt.step()
+
+            gpumem.register(model=model, step=step, batch=64, optimizer="adamw")
+            step()
+        """
+    )
+    result, tests = run(pytester)
+    result.assert_outcomes(failed=1)
+    levers = {lever["key"]: lever for lever in tests["test_own.py::test_own"]["advice"]["levers"]}
+    assert "8-bit AdamW" in levers["optimizer"]["action"]
+
+
 def test_own_training_code_registers_its_knobs_and_gets_measured_levers(pytester):
     pytester.makepyfile(
         test_own="""
