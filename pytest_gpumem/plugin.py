@@ -69,6 +69,8 @@ def pytest_configure(config: pytest.Config) -> None:
             meters.resolve_backend("cuda")  # fail now, not in the first test, where no GPU is visible
     except BaselineError as exc:  # named with the option (or variable, or ini key) that chose the directory
         raise pytest.UsageError(f"{settings.source('baselines')}: {exc}") from None
+    except BadValue as exc:  # an output the run could not write, named with its option by preflight
+        raise pytest.UsageError(str(exc)) from None
     except meters.NoBackend as exc:
         raise pytest.UsageError(f"--gpumem-backend cuda: {exc}") from None
     plugin = GpuMemPlugin(config, settings, store)
