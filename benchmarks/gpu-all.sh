@@ -7,8 +7,9 @@
 #   overhead     overhead-cuda.md: 200 small tests with the plugin and without, five rounds
 #   examples     gpu-examples.md: the example suite at tiny and 1b, recorded, then run again against that
 #   gpus         gpus-<N>x<GPU>.md and .json: the example suite serial, pinned and packed
-# About 4 and 5 minutes on an H200 for the first three and the last two: where one command may last at
-# most 10 minutes, run it as two (`gpu-all.sh advisor attribution overhead`, then `gpu-all.sh examples gpus`).
+# Expected (from earlier H100/H200 timings of the same steps): about 4 minutes for the first three and 5 for
+# the last two. Where one command may last at most 10 minutes, run it as two:
+# `gpu-all.sh advisor attribution overhead`, then `gpu-all.sh examples gpus`.
 # With OUT set, the log and a copy of every results file written go to $OUT (a remote machine sends $OUT
 # back). GPUMEM_BENCH_COMMIT names the commit where the tree was copied without its .git. PYTHON picks the
 # interpreter (default: python).
@@ -21,6 +22,8 @@ models=.pytest_cache/d/gpumem-models # the example suite's own checkpoint cache:
 if [[ -n ${OUT:-} ]]; then
     mkdir -p "$OUT/results"
     exec > >(tee -a "$OUT/gpu-all.log") 2>&1
+    tee_pid=$!
+    trap 'exec >&- 2>&-; wait "$tee_pid"' EXIT # the log is whole before the command returns
 fi
 
 tag=$("$python" -c '
