@@ -37,6 +37,7 @@ from typing import Any, Protocol
 from .introspect import TrainingSetup, dtype_bytes
 from .sample import LEVERS, Advice, Attribution, Breakdown, Lever
 from .units import format_bytes
+from .whatif import MissingKnob
 
 HALF = ("bfloat16", "float16")
 MIN_8BIT_SIZE = 4096
@@ -874,7 +875,24 @@ def _reason(error: BaseException) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
-def _measure_all(levers: list[Candidate], measure: Callable[[dict[str, Any]], int]) -> None:
+def _run(c: Candidate, measure: Callable[..., int]) -> tuple[int, str]:
+    """The peak of ``c``'s run and how it ran. A step that takes ``batch`` but not ``accumulation`` runs one
+    micro-batch of the smaller batch, with the gradients the micro-batches before it leave alive."""
+    assert c.overrides is not None
+    try:
+        return measure(c.overrides), f"re-ran the step with {_knob_text(c.overrides)}"
+    except MissingKnob as missing:
+        if not (c.key == "batch" and missing.knob == "accumulation"):
+            raise
+    one = {name: value for name, value in c.overrides.items() if name != "accumulation"}
+    how = (
+        f"re-ran one micro-batch ({_knob_text(one)}, with the gradients of the micro-batches before it; "
+        "the step takes no 'accumulation' argument)"
+    )
+    return measure(one, gradients_alive=True), how
+
+
+def _measure_all(levers: list[Candidate], measure: Callable[..., int]) -> None:
     """Measure every lever that is a knob of the step: the reference run once, then one run per lever."""
     knob_levers = [c for c in levers if c.overrides]
     if not knob_levers:
@@ -886,14 +904,16 @@ def _measure_all(levers: list[Candidate], measure: Callable[[dict[str, Any]], in
             c.note = f"could not be measured: the reference run failed ({_reason(error)})"
         return
     for c in knob_levers:
-        assert c.overrides is not None
         try:
-            run = measure(c.overrides)
+            run, how = _run(c, measure)
+        except MissingKnob as missing:  # not a failure: the step has no way to turn it
+            c.note = f"not measured: the registered step takes no '{missing.knob}' argument"
+            continue
         except Exception as error:  # noqa: BLE001 - as above, for this lever alone
             c.note = f"could not be measured ({_reason(error)})"
             continue
         c.measured = reference - run
-        c.runs = f"re-ran the step with {_knob_text(c.overrides)}: peak {_fmt(reference)} -> {_fmt(run)}"
+        c.runs = f"{how}: peak {_fmt(reference)} -> {_fmt(run)}"
 
 
 def _lever(c: Candidate) -> Lever:
@@ -954,7 +974,7 @@ def advise(
     findings: list[Any],
     needed: int | None,
     knobs: dict[str, Any],
-    measure: Callable[[dict[str, Any]], int] | None = None,
+    measure: Callable[..., int] | None = None,
 ) -> Advice:
     """The advice for one test: its findings (said first), every lever that applies with its saving, in
     order of cost to quality, and the cheapest combination that frees ``needed`` bytes.
@@ -963,8 +983,9 @@ def advise(
     ``findings`` have ``.key`` and ``.message`` (see
     :func:`pytest_gpumem.introspect.findings`); ``knobs`` are the values the step
     ran with; ``measure``, where given, runs the step with knobs overridden and
-    returns its peak (see :func:`pytest_gpumem.whatif.make_measure`): the levers
-    that are knobs are then measured, not estimated.
+    returns its peak (a :class:`pytest_gpumem.whatif.Measure`; it is called with
+    ``gradients_alive=True`` only after it raised MissingKnob): the levers that
+    are knobs are then measured, not estimated.
     """
     s = situation(attribution, setup, knobs)
     levers = candidates(s, setup, findings, knobs)

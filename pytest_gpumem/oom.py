@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from .attribution import Attributor
     from .measurement import Measurement, Registration
     from .meters import Meter
+    from .whatif import Measure
 
 RETRY_KNOBS = ("batch", "seq")
 """Knobs the retry search may scale down: a smaller value needs less memory."""
@@ -238,14 +239,14 @@ def demand(oom: OutOfMemory) -> Attribution | None:
     return replace(oom.attribution, peak=peak)
 
 
-def remembering(measure: Callable[[dict[str, Any]], int]) -> Callable[[dict[str, Any]], int]:
+def remembering(measure: Measure) -> Measure:
     """``measure`` that runs the unchanged step (no overrides) once and remembers its peak: it repeats to the
     byte, and both the overshoot and the advisor's reference ask for it."""
     reference: list[int] = []
 
-    def remembered(overrides: dict[str, Any]) -> int:
-        if overrides:
-            return measure(overrides)
+    def remembered(overrides: dict[str, Any], *, gradients_alive: bool = False) -> int:
+        if overrides or gradients_alive:
+            return measure(overrides, gradients_alive=gradients_alive)
         if not reference:
             reference.append(measure(overrides))
         return reference[0]
@@ -253,7 +254,7 @@ def remembering(measure: Callable[[dict[str, Any]], int]) -> Callable[[dict[str,
     return remembered
 
 
-def overshoot(failure: OutOfMemory, measure: Callable[[dict[str, Any]], int], in_use: int) -> int | None:
+def overshoot(failure: OutOfMemory, measure: Measure, in_use: int) -> int | None:
     """Bytes the whole step needs beyond the limit: what is in use on the failing device (the test's model,
     earlier tests' leftovers) plus the step's peak when run again without the limit, minus the limit. None
     without a limit, or where the step fails when run again."""

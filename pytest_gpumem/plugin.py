@@ -99,6 +99,7 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     plugin = config.stash.get(PLUGIN, None)
     if plugin is not None:
+        meters.thaw()  # what the run froze between tests is the interpreter's again
         config.pluginmanager.unregister(plugin)
         del config.stash[PLUGIN]
         if plugin.controller is not None:
@@ -129,6 +130,7 @@ class GpuMemPlugin:
         self.store = store
         self.is_worker = hasattr(config, "workerinput")
         self.results: list[TestResult] = []
+        self._latest: dict[str, TestResult] = {}  # each test's latest result, for its teardown's leak
         self.updates: list[UpdateSummary] = []
         self.errors: list[str] = []
         self.interrupted = False  # Ctrl-C (or pytest.exit) ended the run early
@@ -205,6 +207,7 @@ class GpuMemPlugin:
             bad = str(exc)
         else:
             item.stash[SPEC] = spec
+            meters.freeze_between_tests()  # later collections skip what earlier tests left (see meters)
             try:
                 measurement = Measurement(
                     self.meter, snapshot=self.settings.snapshot is not None, limit=spec.device_limit
@@ -283,12 +286,26 @@ class GpuMemPlugin:
             funcargs.clear()
         peak = largest(measurement.phases.get("call", {}), "allocated") or 0
         leak = oom.check_leak(guard.leftover(), spec.leak, peak, LEAK_FLAG)
+        if leak is not None and leak.flagged:
+            # Only after a full collection: what the test left may be held by cyclic garbage of objects that
+            # outlived earlier tests, which the collection after every test no longer scans (see meters).
+            meters.collect_all()
+            leak = oom.check_leak(guard.leftover(), spec.leak, peak, LEAK_FLAG)
         if leak is not None:
             item.stash[LEAK] = leak
             if leak.flagged and not (leak.failed and not self.settings.warn_only):
                 # Attributed to the test's own line, which the warnings summary then shows.
                 path, line, _ = item.location
                 warnings.warn_explicit(GpuMemWarning(leak_message(leak)), GpuMemWarning, path, (line or 0) + 1)
+
+    def pytest_fixture_post_finalizer(self, fixturedef: pytest.FixtureDef[Any]) -> None:
+        """A fixture wider than a test was finalized: what it held outlived earlier tests, so it is frozen, and
+        if it is cyclic garbage now only a full collection frees it. Worth it where a device holds memory."""
+        if fixturedef.scope == "function" or self._meter is None:
+            return
+        guard = meters.guard(self._meter)
+        if guard is not None and any(guard.in_use().values()):
+            meters.collect_fully_next()  # the collection after this teardown (or before the next test)
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(
@@ -446,15 +463,15 @@ class GpuMemPlugin:
                     if first is not None:
                         result.retried = first.verdict
                 self.results.append(result)
+                self._latest[result.nodeid] = result
             elif name == LEAK_PROPERTY:
                 self._attach_leak(cast(dict[str, Any], value))
 
     def _attach_leak(self, value: dict[str, Any]) -> None:
-        """A teardown's leak belongs to the result its test's call sent just before."""
-        for result in reversed(self.results):
-            if result.nodeid == value["nodeid"]:
-                result.leak = Leak.from_dict(value["leak"])
-                return
+        """A teardown's leak belongs to the result its test's call sent just before (none for a skipped test)."""
+        result = self._latest.get(value["nodeid"])
+        if result is not None:
+            result.leak = Leak.from_dict(value["leak"])
 
     def pytest_keyboard_interrupt(self) -> None:
         self.interrupted = True

@@ -18,7 +18,7 @@ import gc
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .measurement import Registration
 from .meters import Meter
@@ -41,18 +41,34 @@ def accepted_knobs(step: Callable[..., Any]) -> frozenset[str] | None:
     )
 
 
+class MissingKnob(ValueError):
+    """A what-if run changes a knob that the registered step does not take as a keyword argument."""
+
+    def __init__(self, knob: str) -> None:
+        super().__init__(f"the registered step does not take the knob {knob!r}")
+        self.knob = knob
+
+
+class Measure(Protocol):
+    """Runs the registered step with the test's knobs updated by ``overrides`` and returns its peak.
+    ``gradients_alive``: the run is one micro-batch of an accumulated step, which starts with the gradients
+    of the micro-batches before it alive."""
+
+    def __call__(self, overrides: dict[str, Any], *, gradients_alive: bool = False) -> int: ...
+
+
 def step_arguments(knobs: dict[str, Any], overrides: dict[str, Any], accepted: frozenset[str] | None) -> dict[str, Any]:
     """The keyword arguments of a what-if run: the test's knobs updated by ``overrides``.
 
     A knob the test ran with that the step does not accept is left out (the
     step has its own way of setting it); an override it does not accept raises
-    ValueError, since the run would otherwise measure the unchanged step and
+    MissingKnob, since the run would otherwise measure the unchanged step and
     report a saving of zero.
     """
     if accepted is not None:
         refused = sorted(set(overrides) - accepted)
         if refused:
-            raise ValueError(f"the registered step does not take the knob {refused[0]!r}")
+            raise MissingKnob(refused[0])
     merged = {**knobs, **overrides}
     return merged if accepted is None else {k: v for k, v in merged.items() if k in accepted}
 
@@ -96,6 +112,14 @@ class ModelState:
         for param, _ in self.params:
             param.grad = None
 
+    def fill_grads(self) -> None:
+        """Give every trainable parameter a zero gradient: what a later micro-batch of an accumulated step
+        starts with (backward then adds to them in place)."""
+        import torch
+
+        for param, _ in self.params:
+            param.grad = torch.zeros_like(param)
+
     def restore(self) -> None:
         import torch
 
@@ -130,12 +154,12 @@ def _save_optimizer(optimizer: Any) -> dict[str, Any]:
     return to_cpu(optimizer.state_dict())  # type: ignore[no-any-return]
 
 
-def make_measure(
-    registration: Registration, create_meter: Callable[[], Meter]
-) -> Callable[[dict[str, Any]], int] | None:
+def make_measure(registration: Registration, create_meter: Callable[[], Meter]) -> Measure | None:
     """A function that runs the registered step with the test's knobs updated by ``overrides`` and returns
     its peak allocated bytes (the largest over devices, above what was resident when it began); None where
-    the test registered no step.
+    the test registered no step. With ``gradients_alive``, every trainable parameter gets a zero gradient
+    once the run's measurement has begun, as a later micro-batch of an accumulated step has them: so a step
+    that takes ``batch`` but not ``accumulation`` still tells the peak of a smaller micro-batch.
 
     Call it only after the test's own measurement has finished: each run
     measures with a fresh meter from ``create_meter``, which resets the
@@ -149,7 +173,7 @@ def make_measure(
         return None
     accepted = accepted_knobs(step)
 
-    def measure(overrides: dict[str, Any]) -> int:
+    def measure(overrides: dict[str, Any], *, gradients_alive: bool = False) -> int:
         import torch
 
         arguments = step_arguments(registration.knobs, overrides, accepted)
@@ -168,6 +192,9 @@ def make_measure(
                 meter = create_meter()
                 meter.begin()
                 try:
+                    if gradients_alive:
+                        for state in states:
+                            state.fill_grads()
                     step(**arguments)
                     peak = largest(meter.mark(), "allocated") or 0
                 except torch.cuda.OutOfMemoryError as error:

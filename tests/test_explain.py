@@ -243,3 +243,70 @@ def test_own_training_code_registers_its_knobs_and_gets_measured_levers(pytester
     levers = {lever["key"]: lever for lever in tests["test_own.py::test_own"]["advice"]["levers"]}
     assert levers["batch"]["source"] == "measured" and levers["batch"]["saving"] > 0
     assert "batch 512 -> 256" in levers["batch"]["action"]
+
+
+# -- a registered step that lacks a knob
+
+OWN_STEP = """
+import pytest, torch
+
+@pytest.fixture
+def model():
+    return torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 256))
+
+@pytest.mark.gpumem(budget="4 MiB")
+def test_own(model, gpumem):
+    optimizer = torch.optim.AdamW(model.parameters())
+
+    def step({signature}):
+        for _ in range(accumulation):
+            model(torch.randn(batch, 256)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    gpumem.register(model=model, optimizer=optimizer, step=step, batch=512)
+    step()
+"""
+
+
+def levers_of(tests: dict) -> dict[str, dict]:
+    return {lever["key"]: lever for lever in tests["test_own.py::test_own"]["advice"]["levers"]}
+
+
+def test_a_lever_the_step_cannot_turn_names_the_missing_knob(pytester):
+    # The step takes neither `optimizer` nor `autocast`: those levers keep their estimates and say why.
+    pytester.makepyfile(test_own=OWN_STEP.format(signature="batch=512, accumulation=1"))
+    result, tests = run(pytester, "--gpumem-markdown=out.md")
+    result.assert_outcomes(failed=1)
+    levers = levers_of(tests)
+    assert levers["optimizer"]["source"] == "estimated"
+    assert levers["optimizer"]["basis"].startswith("not measured: the registered step takes no 'optimizer' argument;")
+    assert levers["bf16"]["basis"].startswith("not measured: the registered step takes no 'autocast' argument;")
+    result.stdout.fnmatch_lines(["*8-bit optimizer: *[[]not measured: the registered step takes no 'optimizer' arg*"])
+    markdown = (pytester.path / "out.md").read_text()
+    assert "not measured: the registered step takes no 'optimizer' argument" in markdown
+    for text in (result.stdout.str(), markdown):
+        assert "could not be measured" not in text and "ValueError" not in text
+
+
+def test_a_step_without_accumulation_gets_its_batch_lever_measured_as_one_micro_batch(pytester):
+    # The same step, with and without an `accumulation` argument: one micro-batch of 256, run with the
+    # gradients of the micro-batch before it alive, peaks as the accumulated step does.
+    pytester.makepyfile(test_own=OWN_STEP.format(signature="batch=512, accumulation=1"))
+    result, tests = run(pytester)
+    result.assert_outcomes(failed=1)
+    accumulated = levers_of(tests)["batch"]
+    assert accumulated["basis"].startswith("re-ran the step with batch 256, accumulation 2: peak")
+
+    pytester.makepyfile(test_own=OWN_STEP.format(signature="batch=512").replace("range(accumulation)", "range(1)"))
+    result, tests = run(pytester)
+    result.assert_outcomes(failed=1)
+    batch = levers_of(tests)["batch"]
+    assert batch["source"] == "measured"
+    assert batch["basis"].startswith(
+        "re-ran one micro-batch (batch 256, with the gradients of the micro-batches before it; "
+        "the step takes no 'accumulation' argument): peak"
+    )
+    assert batch["saving"] == accumulated["saving"] > 0
+    assert batch["basis"].split(": peak ")[1] == accumulated["basis"].split(": peak ")[1]
+    result.stdout.fnmatch_lines(["*smaller batch + accumulation: *(measured) [[]re-ran one micro-batch (batch 256*"])
