@@ -293,7 +293,8 @@ def test_a_misnamed_baseline_file_stops_the_run_and_is_never_written(pytester, u
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(
         [
-            f"ERROR: --gpumem-baselines (default): {path}: its 'hardware' field is 'NVIDIA-H100-80GB-HBM3' but its file name says 'cpu' "
+            f"ERROR: --gpumem-baselines (default): {path}: "
+            "its 'hardware' field is 'NVIDIA-H100-80GB-HBM3' but its file name says 'cpu' "
             "(the file of 'NVIDIA-H100-80GB-HBM3' is NVIDIA-H100-80GB-HBM3.json); fix the field or rename the file"
         ]
     )
