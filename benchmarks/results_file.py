@@ -19,7 +19,7 @@ from pathlib import Path
 
 SOFTWARE = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "pytest")
 COMMIT_ENV = "GPUMEM_BENCH_COMMIT"
-"""Names the commit where the tree was copied without its ``.git`` (read only then)."""
+"""Names the commit of a tree copied to another machine; it wins over that copy's own ``.git``."""
 
 
 def command() -> str:
@@ -28,7 +28,12 @@ def command() -> str:
 
 
 def commit() -> str:
-    """The checked-out commit, with ``-dirty`` when tracked files differ from it."""
+    """The commit the measured tree is: ``GPUMEM_BENCH_COMMIT`` where it is set (a copy of the tree sent to a
+    GPU machine, whose own ``.git``, if any, may be of another commit), else the checked-out commit, with
+    ``-dirty`` when tracked files differ from it."""
+    given = os.environ.get(COMMIT_ENV, "").strip()
+    if given:
+        return f"{given} (from {COMMIT_ENV})"
     root = Path(__file__).resolve().parent.parent
 
     def git(*args: str) -> str:
@@ -39,9 +44,8 @@ def commit() -> str:
         return done.stdout.strip() if done.returncode == 0 else ""
 
     head = git("rev-parse", "--short=12", "HEAD")
-    if not head:  # a copy of the tree without .git (a GPU machine's working copy): the commit it was told
-        given = os.environ.get(COMMIT_ENV, "").strip()
-        return f"{given} (from {COMMIT_ENV}; no git checkout to compare with)" if given else "unknown"
+    if not head:
+        return "unknown"
     return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
