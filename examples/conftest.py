@@ -9,6 +9,15 @@ import pytest
 BUDGETS = {"tiny": "16 MiB", "1b": "16 GiB", "3b": "24 GiB", "8b": "24 GiB"}
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    # On a CPU runner the GPU-only test is skipped: name it and say why in the short summary
+    # (as -rs would), so that nobody reads the `s` as a test that silently did nothing.
+    chars = config.option.reportchars
+    if "s" not in chars and "a" not in chars and "A" not in chars and "N" not in chars:
+        config.option.reportchars = chars + "s"
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--model-sizes",

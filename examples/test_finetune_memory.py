@@ -65,7 +65,10 @@ def test_finetune_step(size, setup, model, train_step):
     assert len(moved) == len(before) > 0  # every LoRA parameter was trained
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 weights stay memory-mapped on the CPU")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a GPU: on the CPU the bf16 weights stay memory-mapped, unseen by the cpu meter",
+)
 def test_nf4_load_footprint(size, quantized_model, gpumem):
     """nf4 keeps the linear layers in about a quarter of their bf16 bytes (plus statistics);
     the embeddings and the LM head stay in bf16, so the whole model takes more than that."""

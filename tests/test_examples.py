@@ -45,6 +45,8 @@ def test_example_suite_matches_its_baselines_to_the_byte(tmp_path):
         assert test["sample"]["phases"]["call"]["allocated"]["cpu"] > 2**20  # real models, not empty tests
         assert {"load", "step1", "step2"} <= set(test["sample"]["phases"])
     assert f"{len(tests)} ok" in done.stdout
+    # the GPU-only test's skip is named with its reason, without -rs
+    assert "SKIPPED [1] examples/test_finetune_memory.py" in done.stdout and "needs a GPU" in done.stdout
 
 
 def test_example_suite_repeats_in_reverse_order_and_under_two_workers(tmp_path):

