@@ -33,6 +33,10 @@ from .units import BadValue
 
 QUANTS = ("nf4", "fp4", "int8", "bf16", "fp16", "fp32")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+CHECKPOINTING = ("reentrant", "non-reentrant")
+"""Gradient checkpointing's variants: ``reentrant`` is what ``prepare_model_for_kbit_training`` gives with
+peft's defaults (it passes no ``use_reentrant``, and ``torch.utils.checkpoint`` then defaults to True);
+``non-reentrant`` is transformers' own default and what ``use_reentrant=False`` asks for."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class Recipe:
     batch: int = 1
     seq: int = 2048
     gradient_checkpointing: bool = False
+    checkpointing: str = "reentrant"  # the variant, where gradient checkpointing is on: see CHECKPOINTING
     optimizer: str = "adamw"
     autocast: str | None = None
     accumulation: int = 1
@@ -266,11 +271,36 @@ def _check(recipe: Recipe) -> None:
         raise BadValue(f"--optimizer: unknown optimizer {recipe.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
+def checkpointing_kwargs(recipe: Recipe) -> dict[str, bool]:
+    """What the recipe passes as ``gradient_checkpointing_kwargs``: its variant, said explicitly (peft's
+    default, none, reaches ``torch.utils.checkpoint`` as ``use_reentrant=True``)."""
+    return {"use_reentrant": recipe.checkpointing == "reentrant"}
+
+
 def _build(recipe: Recipe) -> Any:
+    """The recipe's model prepared as the usual QLoRA recipe prepares it: ``prepare_model_for_kbit_training``
+    (float32 upcast of every parameter left unquantized; with checkpointing, its variant and the hook that
+    makes the input embeddings' output require grad), then peft LoRA; unquantized models get checkpointing
+    from transformers directly."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
     config = model_config(recipe)
     model = fake_model(config, recipe.quant, recipe.double_quant, recipe.compute_dtype)
+    kwargs = checkpointing_kwargs(recipe)
+    if models.is_quantized(model):
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=recipe.gradient_checkpointing, gradient_checkpointing_kwargs=kwargs
+        )
+    elif recipe.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.enable_input_require_grads()
     targets = recipe.lora_targets if isinstance(recipe.lora_targets, str) else list(recipe.lora_targets)
-    return models.add_lora(model, r=recipe.lora_r, target_modules=targets, gradient_checkpointing=False)
+    lora = LoraConfig(
+        r=recipe.lora_r, lora_alpha=2 * recipe.lora_r, target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM"
+    )
+    model = get_peft_model(model, lora)
+    model.config.use_cache = False
+    return model
 
 
 def run_step(recipe: Recipe, gpu: Gpu, attribute: bool = True) -> tuple[int, int, Attribution | None, Any]:
@@ -308,7 +338,8 @@ def run_step(recipe: Recipe, gpu: Gpu, attribute: bool = True) -> tuple[int, int
                 model = _build(recipe)
             measurement.register_model(model)
             measurement.exit("setup")
-            training.train_steps(model, **knobs, steps=2, phase=phase)
+            # The model keeps the checkpointing it was prepared with (train_steps would set its own variant).
+            training.train_steps(model, **{**knobs, "gradient_checkpointing": None}, steps=2, phase=phase)
         sample = measurement.finish()
         setup = introspect.inspect_setup([model], [], knobs, measurement.probe)
     finally:
