@@ -145,6 +145,12 @@ SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
 VARIANTS = ("none", "non-reentrant", "reentrant")
 """No gradient checkpointing, or checkpointing in one of its two variants."""
 
+LOOPS = ("plain", "trainer")
+"""How the training loop holds the model's outputs: ``plain`` is the loop of the tutorials
+(``outputs = model(...); outputs.loss.backward()``: the logits stay referenced through backward, and into the
+next step's forward pass); ``trainer`` drops them before backward, as transformers' ``Trainer`` does (and
+``pytest_gpumem.training.train_steps``, the recipe the estimate was first built on)."""
+
 
 @dataclass(frozen=True)
 class Case:
@@ -153,22 +159,26 @@ class Case:
     batch: int
     seq: int
     sample: str  # "in" (fit set) or "out"
+    loop: str = "plain"  # see LOOPS
 
     @property
     def name(self) -> str:
         checkpointing = "no gc" if self.variant == "none" else f"gc {self.variant}"
-        return f"{self.shape} b{self.batch}x{self.seq} {checkpointing}"
+        return f"{self.shape} b{self.batch}x{self.seq} {checkpointing} {self.loop} loop"
 
 
 def cases() -> list[Case]:
     """Every case, grouped by shape (a model is made once per shape, and loaded once without checkpointing
     and once with it); the shapes the fit set lacks come first, so that a run cut short by its time budget
     still measures them, and within a group the largest step comes last (an out-of-memory failure there
-    costs the others nothing)."""
+    costs the others nothing). The in-sample cases run the trainer loop (the recipe the estimate was built
+    on); the out-of-sample ones the plain loop, and a few the trainer loop too, to tell the loop's share of
+    an error from the shape's."""
     found: list[Case] = []
     for shape in ("tinyllama-1.1b", "qwen2.5-1.5b"):
         for variant in VARIANTS:
             found += [Case(shape, variant, b, s, "out") for b, s in ((1, 2048), (4, 1024))]
+        found += [Case(shape, variant, 1, 2048, "out", "trainer") for variant in ("none", "reentrant")]
     found.append(Case("tinyllama-1.1b", "reentrant", 8, 512, "out"))
     fit_shapes = ((1, 1024), (1, 2048), (4, 1024), (4, 2048))
     for shape in ("llama-3.2-1b", "mistral-7b-v0.1", "llama-3.1-8b"):
@@ -177,7 +187,7 @@ def cases() -> list[Case]:
                 found += [Case(shape, variant, b, s, "out") for b, s in ((1, 2048), (4, 1024))]
             continue
         for variant in ("none", "non-reentrant"):
-            found += [Case(shape, variant, b, s, "in") for b, s in fit_shapes]
+            found += [Case(shape, variant, b, s, "in", "trainer") for b, s in fit_shapes]
         found += [Case(shape, "reentrant", b, s, "out") for b, s in ((1, 2048), (4, 1024))]
         found += [Case(shape, variant, 2, 1536, "out") for variant in ("non-reentrant", "none")]
     return found
@@ -185,8 +195,8 @@ def cases() -> list[Case]:
 
 def smoke_cases() -> list[Case]:
     return [
-        Case("tiny-llama", "none", 2, 64, "in"),
-        Case("tiny-llama", "non-reentrant", 2, 64, "in"),
+        Case("tiny-llama", "none", 2, 64, "in", "trainer"),
+        Case("tiny-llama", "non-reentrant", 2, 64, "in", "trainer"),
         Case("tiny-qwen2", "reentrant", 2, 64, "out"),
         Case("tiny-qwen2", "none", 1, 128, "out"),
     ]
@@ -368,8 +378,29 @@ def measure_case(model: Any, case: Case, history: bool) -> dict[str, Any]:
                 row["at_peak"] = live_at_peak(snapshot, before)
 
     with _quiet():
-        training.train_steps(model, batch=case.batch, seq=case.seq, steps=2, phase=phase)
+        if case.loop == "trainer":
+            training.train_steps(model, batch=case.batch, seq=case.seq, steps=2, phase=phase)
+        else:
+            plain_loop(model, case.batch, case.seq, 2, phase)
     return row
+
+
+def plain_loop(model: Any, batch: int, seq: int, steps: int, phase: Any) -> None:
+    """The training loop of the tutorials, written as a user writes it: the outputs (and so the logits)
+    stay referenced through backward, and until the next step's forward pass has returned."""
+    import torch
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    for step in range(1, steps + 1):
+        with phase(f"step{step}"):
+            input_ids = torch.randint(0, vocab, (batch, seq), generator=generator).to(DEVICE)
+            outputs = model(input_ids=input_ids, labels=input_ids)
+            loss = outputs.loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
 
 
 def measure(selected: list[Case], model_dir: Path, json_path: Path, history: bool, budget: float) -> None:
@@ -467,6 +498,7 @@ def recipe_of(case: Case, config_root: Path) -> Any:
         seq=case.seq,
         gradient_checkpointing=case.variant != "none",
         checkpointing=case.variant if case.variant != "none" else "reentrant",
+        loop=case.loop,
     )
 
 
@@ -653,10 +685,11 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(prefix="gpumem-configs-") as configs:
         if args.smoke:
-            guesses = estimates(selected, args.gpu or "H200", Path(configs))
+            gpu = args.gpu or "H200"
+            guesses = estimates(selected, gpu, Path(configs))
             # The smoke run has no GPU to compare with: its "measurement" is the estimate itself, which
             # checks the scoring and the report, not the accuracy.
-            real = {
+            real: dict[str, Any] = {
                 "device": "none (smoke)",
                 "cases": {
                     c.name: {"status": "ok", "peak": guesses[c.name]["peak"], "reserved": guesses[c.name]["peak"]}
@@ -671,13 +704,13 @@ def main() -> None:
             gpu = args.gpu or ("H200" if "H200" in str(real.get("device")) else "H100")
             # The cases the run measured, as it recorded them (shape, variant, batch, seq, set).
             selected = [
-                Case(row["shape"], row["variant"], row["batch"], row["seq"], row["sample"])
+                Case(row["shape"], row["variant"], row["batch"], row["seq"], row["sample"], row.get("loop", "trainer"))
                 for row in real["cases"].values()
                 if not args.only or row["shape"] in args.only.split(",")
             ]
             guesses = estimates(selected, gpu, Path(configs))
             out = args.out
-        text, numbers = report(real, guesses, selected, args.gpu or "H200")
+        text, numbers = report(real, guesses, selected, gpu)
     print(text)
     title = "Estimate backend: accuracy in and out of sample"
     if out is not None:

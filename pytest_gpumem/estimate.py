@@ -19,9 +19,11 @@ the estimate falls back to the advisor's analytic layer model and says so.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,10 @@ from .units import BadValue
 
 QUANTS = ("nf4", "fp4", "int8", "bf16", "fp16", "fp32")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+LOOPS = ("plain", "trainer")
+"""What the training loop keeps of the model's outputs: ``plain`` is the loop of the tutorials
+(``outputs = model(**batch); outputs.loss.backward()``), whose logits stay alive through backward and into the
+next step's forward pass; ``trainer`` drops the outputs before backward, as transformers' ``Trainer`` does."""
 CHECKPOINTING = ("reentrant", "non-reentrant")
 """Gradient checkpointing's variants: ``reentrant`` is what ``prepare_model_for_kbit_training`` gives with
 peft's defaults (it passes no ``use_reentrant``, and ``torch.utils.checkpoint`` then defaults to True);
@@ -58,6 +64,7 @@ class Recipe:
     optimizer: str = "adamw"
     autocast: str | None = None
     accumulation: int = 1
+    loop: str = "plain"  # see LOOPS
 
     def describe(self) -> str:
         model = str(self.config) if self.config else f"{self.arch} {self.size}"
@@ -269,6 +276,11 @@ def _check(recipe: Recipe) -> None:
         raise BadValue(f"--quant: unknown quantization {recipe.quant!r}; choose one of {', '.join(QUANTS)}")
     if recipe.optimizer not in OPTIMIZERS:
         raise BadValue(f"--optimizer: unknown optimizer {recipe.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if recipe.loop not in LOOPS:
+        raise BadValue(f"--loop: unknown training loop {recipe.loop!r}; choose one of {', '.join(LOOPS)}")
+    if recipe.checkpointing not in CHECKPOINTING:
+        choices = ", ".join(CHECKPOINTING)
+        raise BadValue(f"--checkpointing-variant: unknown variant {recipe.checkpointing!r}; choose one of {choices}")
 
 
 def checkpointing_kwargs(recipe: Recipe) -> dict[str, bool]:
@@ -339,7 +351,8 @@ def run_step(recipe: Recipe, gpu: Gpu, attribute: bool = True) -> tuple[int, int
             measurement.register_model(model)
             measurement.exit("setup")
             # The model keeps the checkpointing it was prepared with (train_steps would set its own variant).
-            training.train_steps(model, **{**knobs, "gradient_checkpointing": None}, steps=2, phase=phase)
+            steps = training.train_steps if recipe.loop == "trainer" else plain_loop
+            steps(model, **{**knobs, "gradient_checkpointing": None}, steps=2, phase=phase)
         sample = measurement.finish()
         setup = introspect.inspect_setup([model], [], knobs, measurement.probe)
     finally:
@@ -347,6 +360,47 @@ def run_step(recipe: Recipe, gpu: Gpu, attribute: bool = True) -> tuple[int, int
             measurement.finish()
     # The fake GPU starts empty, so the call phase's peak is the absolute peak of the measured step.
     return sample.value("allocated", "call") or 0, resident, sample.attribution, setup
+
+
+def plain_loop(
+    model: Any,
+    *,
+    batch: int,
+    seq: int,
+    steps: int,
+    accumulation: int = 1,
+    gradient_checkpointing: bool | None = None,
+    autocast: str | None = None,
+    optimizer: str = "adamw",
+    phase: Callable[[str], AbstractContextManager[None]],
+) -> None:
+    """The loop of the tutorials, as a user writes it: ``outputs = model(...)``, ``outputs.loss.backward()``,
+    ``optimizer.step()``, ``optimizer.zero_grad()``. The outputs stay referenced through backward, and the
+    last ones until the next forward pass has returned, so their logits are alive at both moments. The
+    arguments are :func:`pytest_gpumem.training.train_steps`' (``gradient_checkpointing`` is left to the
+    model)."""
+    import torch
+
+    from .training import _make_optimizer
+
+    model.train()
+    device = model.get_input_embeddings().weight.device
+    optim = _make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], 1e-4)
+    mixed = (
+        functools.partial(torch.autocast, device.type, getattr(torch, autocast)) if autocast else contextlib.nullcontext
+    )
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    for step in range(1, steps + 1):
+        with phase(f"step{step}"):
+            for _ in range(accumulation):
+                input_ids = torch.randint(0, vocab, (batch, seq), generator=generator).to(device)
+                with mixed():
+                    outputs = model(input_ids=input_ids, labels=input_ids)
+                loss = outputs.loss / accumulation
+                loss.backward()
+            optim.step()
+            optim.zero_grad()
 
 
 def knobs_of(recipe: Recipe) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+from ..allocator import Block, CachingAllocator
 from ..gpus import Gpu, reserved_bytes
 from ..sample import Peaks
 from . import release_failures
@@ -138,13 +139,51 @@ SCRATCH = {
 
 
 class EstimateTracker(StorageTracker):
-    """A :class:`StorageTracker` of meta storages counted as one CUDA device, with that device's scratch."""
+    """A :class:`StorageTracker` of meta storages counted as one CUDA device, with that device's scratch.
+
+    Every storage goes through a model of the CUDA caching allocator (:mod:`pytest_gpumem.allocator`), so
+    that each is charged what the real allocator would charge for it at that moment, and the segments it
+    would reserve are known.
+    """
 
     def __init__(self, gpu: Gpu, attribute: bool = False) -> None:
         super().__init__(attribute=attribute, allocator_blocks=True, meta_device=DEVICE)
         self.gpu = gpu
         self.current[DEVICE] = 0
         self.peak[DEVICE] = 0
+        self.allocator = CachingAllocator()
+        self._blocks: dict[int, tuple[Block, int]] = {}  # storage -> (its block, the bytes it asked for)
+
+    def _charge(self, key: int, nbytes: int) -> int:
+        block = self.allocator.malloc(nbytes)
+        if block is None:
+            return 0
+        self._blocks[key] = (block, nbytes)
+        return block.size
+
+    def _release(self, key: int, _ref: object = None) -> None:
+        super()._release(key, _ref)
+        entry = self._blocks.pop(key, None)
+        if entry is not None:
+            self.allocator.free(entry[0])
+
+    def lay_out(self) -> None:
+        """Place what is alive now in a fresh allocator, in the order it was made, as if it had been loaded
+        without the transients of loading (a checkpoint's 16-bit weights before quantization, which
+        ``from_pretrained`` frees one by one and ``prepare_model_for_kbit_training`` gives back with
+        ``empty_cache``)."""
+        allocator = CachingAllocator()
+        blocks = {}
+        for key, (_, requested) in self._blocks.items():
+            block = allocator.malloc(requested)
+            if block is not None:
+                blocks[key] = (block, requested)
+                entry = self._live.get(key)
+                if entry is not None:
+                    entry[1][0] = block.size
+        self.allocator, self._blocks = allocator, blocks
+        self.current[DEVICE] = allocator.allocated
+        self.peak[DEVICE] = max(self.peak.get(DEVICE, 0), allocator.allocated)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if func is _LOCAL_SCALAR and args[0].device.type == "meta":
@@ -162,6 +201,11 @@ class EstimateTracker(StorageTracker):
 
     def scratch(self, nbytes: int) -> None:
         """Count ``nbytes`` alive for one moment on the device, beside everything alive now."""
+        block = self.allocator.malloc(nbytes)
+        if block is None:
+            return
+        nbytes = block.size
+        self.allocator.free(block)
         self.seq += 1
         now = self.current[DEVICE] + nbytes
         if now > self.peak.get(DEVICE, 0):

@@ -261,7 +261,7 @@ class StorageTracker(TorchDispatchMode):
             return
         nbytes = storage.nbytes()
         if self.allocator_blocks and device != "cpu":
-            nbytes = block_size(nbytes)
+            nbytes = self._charge(key, nbytes)
         now = self.current.get(device, 0) + nbytes
         if now > self.peak.get(device, 0):
             # Below the peak, every level was already checked against the limit: only a new peak can pass it.
@@ -293,6 +293,10 @@ class StorageTracker(TorchDispatchMode):
         if best_window is None or now > best_window[0]:
             module: Any = node.name() if node is not None else (self.module_stack[-1] if self.module_stack else None)
             window[device] = (now, self.seq, (self.phase, stage, module))
+
+    def _charge(self, key: int, nbytes: int) -> int:
+        """What the device's allocator charges for a new storage of ``nbytes`` (its 512-byte blocks)."""
+        return block_size(nbytes)
 
     def _release(self, key: int, _ref: object = None) -> None:
         entry = self._live.pop(key, None)
