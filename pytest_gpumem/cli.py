@@ -9,7 +9,7 @@
   stepped, and a plot (PNG and HTML).
 - ``gpumem estimate --arch llama --size 8b ... --gpu H100``: one QLoRA training
   step predicted without a GPU (see :mod:`pytest_gpumem.estimate`); exits 1
-  when it does not fit the GPU.
+  when it does not fit the GPU, 4 when it fell back to the analytic formula.
 
 Each subcommand is one function registered with :func:`command`, which also
 declares its arguments; adding one is writing that function. Bad input is a
@@ -41,11 +41,16 @@ from .units import BadValue, Tolerance, parse_tolerance
 DEFAULT_TOLERANCE = Tolerance(percent=2.0)
 """What the plugin allows when neither a marker nor ``--gpumem-tolerance`` says otherwise."""
 
+ESTIMATE_FELL_BACK = 4
+"""``gpumem estimate``'s exit status when the fake run failed and the estimate is the analytic formula's."""
+
 EXIT_CODES = {
     0: "success: compare found no memory failure, estimate fits, merge and report done",
     1: "compare: a regression, an over-budget or an out-of-memory test; estimate: it does not fit the GPU",
     2: "bad input: an unknown option or value, a file that cannot be read or is not what it should be, "
     "a --branch with no runs in the history (one line on stderr, naming the value and where it came from)",
+    ESTIMATE_FELL_BACK: "estimate: the fake run failed, and every figure (the levers' too) comes from the "
+    "analytic formula",
 }
 """What ``gpumem`` exits with."""
 
@@ -345,7 +350,8 @@ def report(args: argparse.Namespace) -> int:
 @command(
     "estimate",
     "predict the GPU memory of one QLoRA training step without a GPU (fake tensors): the peak, what holds "
-    "it, whether it fits the GPU, and the levers that would make it fit; exit 0 if it fits, 1 if not",
+    "it, whether it fits the GPU, and the levers that would make it fit; exit 0 if it fits, 1 if not, "
+    f"{ESTIMATE_FELL_BACK} if the fake run failed and the numbers come from the analytic formula",
     arg("--arch", default="llama", help="preset architecture (llama, mistral, qwen2) or a local config.json path"),
     arg("--size", default="8b", help="preset size, e.g. 1b, 8b (ignored with a config path; default: 8b)"),
     arg("--quant", default="nf4", help="nf4, fp4, int8, or unquantized bf16/fp16/fp32 (default: nf4)"),
@@ -356,6 +362,20 @@ def report(args: argparse.Namespace) -> int:
     arg("--batch", type=int, default=1, help="per-device batch size (default: 1)"),
     arg("--seq", type=int, default=2048, help="sequence length in tokens (default: 2048)"),
     arg("--gradient-checkpointing", action="store_true", help="with gradient checkpointing"),
+    arg(
+        "--checkpointing-variant",
+        default="reentrant",
+        choices=("reentrant", "non-reentrant"),
+        help="with --gradient-checkpointing: reentrant (what prepare_model_for_kbit_training gives with peft's "
+        'defaults) or non-reentrant (gradient_checkpointing_kwargs={"use_reentrant": False}); default: reentrant',
+    ),
+    arg(
+        "--loop",
+        default="plain",
+        choices=("plain", "trainer"),
+        help="plain: outputs = model(...); outputs.loss.backward(), the logits alive through backward; "
+        "trainer: transformers' Trainer, which drops the outputs before backward (default: plain)",
+    ),
     arg("--optimizer", default="adamw", help="adamw, adamw8bit or paged_adamw8bit (default: adamw)"),
     arg("--gpu", default="H100", help="H100, H200, A100-40GB, A100-80GB, L4, A10, T4, RTX-4090, or a size: 16GiB"),
     arg("--no-levers", action="store_true", help="skip the levers (each is a further estimate)"),
@@ -394,6 +414,8 @@ def estimate_command(args: argparse.Namespace) -> int:
         batch=args.batch,
         seq=args.seq,
         gradient_checkpointing=args.gradient_checkpointing,
+        checkpointing=args.checkpointing_variant,
+        loop=args.loop,
         optimizer=args.optimizer,
     )
     if isinstance(targets, tuple):
@@ -404,6 +426,8 @@ def estimate_command(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict(), sort_keys=True, indent=2))
     else:
         _print(lines(result))
+    if result.method == "analytic":
+        return ESTIMATE_FELL_BACK
     return 0 if result.fits else 1
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from . import models
-from .gpus import Gpu, device_bytes, reserved_bytes
+from .gpus import Gpu, device_bytes, reserved_bytes, whole_segments
 from .sample import Attribution, Breakdown, Lever
 from .units import BadValue
 
@@ -315,12 +315,27 @@ def _build(recipe: Recipe) -> Any:
     return model
 
 
-def run_step(recipe: Recipe, gpu: Gpu, attribute: bool = True) -> tuple[int, int, Attribution | None, Any]:
-    """Build and train the recipe on the fake GPU: (allocated peak of the measured step, allocated before it,
-    its attribution, the setup the advisor reads). Raises whatever the fake run raises.
+@dataclass
+class Step:
+    """The measured step of a fake run: its allocated peak (the cuBLAS workspaces included), the allocator
+    model's reservation at its peak (workspaces included), what was allocated before it (the model, and the
+    optimizer state from the warm-up step; without the workspaces), its attribution, and the setup the
+    advisor reads."""
+
+    peak: int
+    reserved: int
+    resident: int
+    attribution: Attribution | None
+    setup: Any
+
+
+def run_step(recipe: Recipe, gpu: Gpu, attribute: bool = True) -> Step:
+    """Build and train the recipe on the fake GPU; raises whatever the fake run raises.
 
     One optimizer runs a warm-up step and then the measured step, so that its state is resident when the
-    measured step begins, as in a training loop.
+    measured step begins, as in a training loop. When the warm-up begins, what the build left alive is laid
+    out in a fresh allocator model after the cuBLAS workspaces, as ``from_pretrained`` and
+    ``prepare_model_for_kbit_training`` (which empties the cache) leave a real GPU.
     """
     from . import introspect, training
     from .measurement import Measurement
@@ -333,12 +348,15 @@ def run_step(recipe: Recipe, gpu: Gpu, attribute: bool = True) -> tuple[int, int
     @contextlib.contextmanager
     def phase(name: str) -> Iterator[None]:
         nonlocal resident
+        tracker = meter._tracker
+        assert tracker is not None
+        if name == "step1":
+            tracker.lay_out(gpu.workspace_blocks)
         if name != "step2":
             with measurement.phase("warmup"):
                 yield
             return
-        tracker = meter._tracker
-        resident = tracker.current.get(DEVICE, 0) if tracker is not None else 0
+        resident = tracker.current.get(DEVICE, 0)
         with measurement.phase("call"):
             yield
 
@@ -358,8 +376,10 @@ def run_step(recipe: Recipe, gpu: Gpu, attribute: bool = True) -> tuple[int, int
     finally:
         if not measurement.finished:
             measurement.finish()
-    # The fake GPU starts empty, so the call phase's peak is the absolute peak of the measured step.
-    return sample.value("allocated", "call") or 0, resident, sample.attribution, setup
+    # The fake GPU starts empty, so the call phase's peaks are the measured step's absolute peaks.
+    peak = (sample.value("allocated", "call") or 0) + gpu.workspace
+    # The meter's reserved is the allocator model's (workspaces included, from the lay-out) with the fitted share.
+    return Step(peak, sample.value("reserved", "call") or 0, resident, sample.attribution, setup)
 
 
 def plain_loop(
@@ -422,37 +442,35 @@ def estimate(recipe: Recipe, gpu: Gpu, advise: bool = True) -> Estimate:
     started = time.perf_counter()
     method, reason = "fake", ""
     try:
-        peak, resident, attribution, setup = run_step(recipe, gpu)
+        step = run_step(recipe, gpu)
     except BadValue:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure of the fake run falls back to the labelled model
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         reason = f"the fake run failed: {type(exc).__name__}: {text}"[:300]
         method = "analytic"
-        peak, resident, attribution, setup = analytic(recipe)
-    peak += gpu.workspace
-    reserved = reserved_bytes(peak, fragmenting(recipe))
-    result = Estimate(recipe, gpu, peak, reserved, device_bytes(reserved, gpu), resident, attribution, method, reason)
+        step = analytic(recipe, gpu)
+    result = Estimate(
+        recipe,
+        gpu,
+        step.peak,
+        step.reserved,
+        device_bytes(step.reserved, gpu),
+        step.resident,
+        step.attribution,
+        method,
+        reason,
+    )
     if advise:
-        _advise(result, setup)
+        _advise(result, step.setup)
     result.seconds = time.perf_counter() - started
     return result
 
 
-def fragmenting(recipe: Recipe) -> int:
-    """Bytes the allocator cannot reuse at the step's peak beyond its usual share: with gradient checkpointing,
-    about one float32 logits tensor (see :func:`pytest_gpumem.gpus.reserved_bytes`)."""
-    if not recipe.gradient_checkpointing:
-        return 0
-    try:
-        vocab = int(model_config(recipe).vocab_size)
-    except BadValue:
-        return 0
-    return recipe.batch * recipe.seq * vocab * 4
-
-
 def _advise(result: Estimate, setup: Any) -> None:
-    """The advisor's levers for the estimate, the knobs among them measured by re-estimating."""
+    """The advisor's levers for the estimate, the knobs among them re-estimated with the lever applied: by
+    another fake run, or, where the estimate fell back to the analytic formula, by the formula, and every
+    lever then says it came from the formula (nothing ran)."""
     from . import advisor, introspect
 
     found = introspect.findings(setup) if setup is not None else []
@@ -461,16 +479,21 @@ def _advise(result: Estimate, setup: Any) -> None:
     def measure(overrides: dict[str, Any]) -> int:
         changed = _apply(recipe, overrides)
         if result.method == "analytic":
-            return analytic(changed)[0] + gpu.workspace
-        return run_step(changed, gpu, attribute=False)[0] + gpu.workspace
+            return analytic(changed, gpu).peak
+        return run_step(changed, gpu, attribute=False).peak
 
     if setup is None:
         return
     advice = advisor.advise(result.attribution, setup, found, result.needed or None, knobs_of(recipe), measure)
     for lever in advice.levers:
-        if lever.source == "measured":
+        if result.method == "analytic":
+            lever.source = "formula"
+            lever.basis = "analytic formula, nothing ran: " + lever.basis.replace(
+                "re-ran the step with", "the formula with"
+            )
+        elif lever.source == "measured":
             lever.source = "estimated-run"
-            lever.basis = "measured by estimate: " + lever.basis
+            lever.basis = lever.basis.replace("re-ran the step with", "re-ran the recipe on fake tensors with")
     result.levers = advice.levers
     result.recommended = advice.recommended
     result.findings = advice.findings
@@ -485,9 +508,10 @@ def _apply(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
 # -- the analytic fallback
 
 
-def analytic(recipe: Recipe) -> tuple[int, int, Attribution | None, Any]:
+def analytic(recipe: Recipe, gpu: Gpu) -> Step:
     """The advisor's layer model of the recipe, for models the fake run cannot take: weights from the
-    parameter counts, LoRA's gradients and AdamW state, and what each decoder layer keeps for backward."""
+    parameter counts, LoRA's gradients and AdamW state, and what each decoder layer keeps for backward
+    (the cuBLAS workspaces added; reserved is the peak in whole segments, with no allocator replay)."""
     from .advisor import Precision, Shape, checkpoint_bytes, layer_bytes, lora_tensor_sizes, nf4_bytes
     from .introspect import TrainingSetup
 
@@ -534,7 +558,8 @@ def analytic(recipe: Recipe) -> tuple[int, int, Attribution | None, Any]:
         layers = checkpoint_bytes(shape, tokens, hidden_bytes) + per_layer.total(tokens, recipe.seq)
     else:
         layers = shape.layers * per_layer.total(tokens, recipe.seq)
-    logits = 3 * tokens * shape.vocab * 4  # float32 logits, their log-softmax, and its gradient
+    # float32 logits, their log-softmax and its gradient, and in the plain loop the logits the outputs hold
+    logits = (4 if recipe.loop == "plain" else 3) * tokens * shape.vocab * 4
     activations = int(layers + logits)
     peak = weights + gradients + optimizer + activations
     attribution = Attribution(
@@ -568,4 +593,5 @@ def analytic(recipe: Recipe) -> tuple[int, int, Attribution | None, Any]:
         hidden_dtype="float32" if hidden_bytes == 4 else "bfloat16",
         weight_dtype="float32" if quantized else "bfloat16",
     )
-    return int(peak), int(weights), attribution, setup
+    peak = int(peak) + gpu.workspace
+    return Step(peak, reserved_bytes(whole_segments(peak), peak), int(weights), attribution, setup)

@@ -1,20 +1,20 @@
 """The GPUs an estimate can target, and what a real one adds to the bytes of the tensors a step makes.
 
-An estimate counts the storages a step makes (rounded as PyTorch's CUDA
-caching allocator rounds them); a real GPU adds three things, each modelled
-here with figures measured on the device where we had one:
+An estimate replays the storages a step makes through a model of PyTorch's
+CUDA caching allocator (:mod:`pytest_gpumem.allocator`), which gives what the
+allocator charges and the segments it reserves. A real GPU adds two things,
+given here per GPU:
 
 - **workspaces** inside the allocator: cuBLAS/cuBLASLt keep one workspace per
   handle (per thread and stream), handed out by the caching allocator on a
   thread's first matrix product and kept. A training step multiplies on the
   main thread and on the autograd engine's thread of the device, so two count
-  in ``allocated``.
-- **reserved** beyond allocated: the caching allocator keeps freed blocks in
-  segments it has taken from the device (2 MiB pools for small requests, large
-  requests rounded to 2 MiB and split); :func:`reserved_bytes` adds the
-  fragmentation measured for a training step.
+  in ``allocated``. Their size is PyTorch's default for the architecture.
 - **device** beyond reserved: the CUDA context, its modules and the library
   handles, which NVML counts and PyTorch does not.
+
+Each GPU says which of its figures were measured on that GPU; the others are
+assumed (carried over from the GPU that was measured), and the estimate says so.
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ class Gpu:
 
     ``workspace``: bytes of cuBLAS workspaces in the allocator for the two threads of a step;
     ``context``: bytes NVML counts beyond the allocator (the CUDA context and libraries);
-    ``measured``: whether ``workspace`` and ``context`` were measured on this GPU, or carried over
-    from the nearest one that was.
+    ``measured``: which of ``workspace`` and ``context`` were measured on this GPU (the others are assumed).
     """
 
     name: str
@@ -44,26 +43,50 @@ class Gpu:
     sms: int = 132
     workspace: int = 2 * 32 * MiB + MiB
     context: int = 1_451_098_112
-    measured: bool = False
+    measured: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
         """The part of the hardware key ``estimate:<gpu>`` that names this GPU."""
         return re.sub(r"[^A-Za-z0-9.]+", "-", self.name).strip("-")
 
+    @property
+    def workspace_blocks(self) -> tuple[int, ...]:
+        """The workspaces as the allocator hands them out: one cuBLAS workspace for each of the step's two
+        threads, and cuBLASLt's 1 MiB."""
+        handle = (self.workspace - MiB) // 2
+        return (handle, handle, MiB)
+
+    @property
+    def assumed(self) -> tuple[str, ...]:
+        """The figures not measured on this GPU."""
+        return tuple(name for name in ("workspace", "context") if name not in self.measured)
+
+    def provenance(self) -> str:
+        """One line: which of the GPU's figures were measured on it, and where the others come from."""
+        if not self.assumed:
+            return f"{self.name}: cuBLAS workspaces and CUDA context measured on an {self.name}"
+        sources = {
+            "workspace": f"cuBLAS workspaces ({self.workspace / MiB:g} MiB) assumed from PyTorch's default for "
+            f"sm{self.capability[0]}{self.capability[1]}",
+            "context": f"CUDA context ({self.context / GiB:.2f} GiB) assumed from the H200 measurement",
+        }
+        return f"{self.name}: " + "; ".join(sources[name] for name in self.assumed) + " (not measured on this GPU)"
+
 
 # Measured on an H200 (torch 2.11, CUDA 13): the allocator holds 65 MiB after a forward and backward
 # matmul (two 32 MiB cuBLAS workspaces, main and autograd thread, and 1 MiB of cuBLASLt's), and NVML counts
-# 1.35 GiB beyond the allocator's reservation (the context, library handles and the driver's own share). Older
-# GPUs get cuBLAS's smaller default (":4096:2:16:8", 8.125 MiB a handle); their context is the H200's figure
-# (mostly the CUDA runtime and the kernels' images, not the GPU's), not measured.
+# 1.35 GiB beyond the allocator's reservation (the context, library handles and the driver's own share).
+# Other GPUs get PyTorch's workspace default for their architecture (32 MiB a handle on sm90, ":4096:2:16:8",
+# 8.125 MiB, before it) and the H200's context (mostly the CUDA runtime and the kernels' images, not the
+# GPU's): both assumed, and said to be.
 _OLD_WORKSPACE = 2 * (2 * 4096 * 1024 + 8 * 16 * 1024) + MiB
 
 GPUS: dict[str, Gpu] = {
     gpu.name: gpu
     for gpu in (
         Gpu("H100", 80 * GiB, (9, 0), 132),
-        Gpu("H200", 150_109_880_320, (9, 0), 132, measured=True),  # 139.8 GiB: what the device reports
+        Gpu("H200", 150_109_880_320, (9, 0), 132, measured=("workspace", "context")),  # 139.8 GiB, as reported
         Gpu("A100-40GB", 40 * GiB, (8, 0), 108, workspace=_OLD_WORKSPACE),
         Gpu("A100-80GB", 80 * GiB, (8, 0), 108, workspace=_OLD_WORKSPACE),
         Gpu("L4", 24 * GiB, (8, 9), 58, workspace=_OLD_WORKSPACE),
@@ -103,22 +126,23 @@ def find_gpu(text: str, where: str) -> Gpu:
 
 
 SMALL_SEGMENT = 2 * MiB
-"""The caching allocator serves requests of at most 1 MiB from 2 MiB segments, larger ones from segments
-rounded to 2 MiB (20 MiB for requests under 10 MiB)."""
-
-FRAGMENTATION = 0.02
-"""Reserved beyond allocated at a training step's peak, as a share of the allocated peak: measured on an H200
-for QLoRA Llama 1B and 8B steps without checkpointing, 0.6-3.9% (see benchmarks/results/estimate-accuracy.md)."""
 
 
-def reserved_bytes(allocated_peak: int, fragmenting: int = 0) -> int:
-    """What the caching allocator holds from the device at a step whose allocated peak is ``allocated_peak``:
-    the peak in whole 2 MiB segments, the measured fragmentation, and ``fragmenting`` bytes of blocks that
-    cannot be reused at the peak. With gradient checkpointing the recomputed layers' blocks are freed and
-    re-allocated while the float32 logits and their gradients hold large ones: measured, about one logits
-    tensor more (0.5-1.4 of it), which is what callers pass."""
-    segments = -(-allocated_peak // SMALL_SEGMENT) * SMALL_SEGMENT
-    return segments + int(allocated_peak * FRAGMENTATION) + fragmenting
+FRAGMENTATION = 0.0
+"""Reserved beyond the allocator model's segments, as a share of the allocated peak: what the model misses
+(the holes loading leaves in the segments). Fitted on the in-sample runs of benchmarks/estimate_accuracy.py,
+which reports it beside the out-of-sample error."""
+
+
+def reserved_bytes(segments: int, allocated_peak: int) -> int:
+    """The modelled reservation at a step's peak: the allocator model's ``segments`` and the fitted share."""
+    return segments + int(allocated_peak * FRAGMENTATION)
+
+
+def whole_segments(allocated_peak: int) -> int:
+    """The analytic fallback's segments, where no step ran to replay through the allocator model: the
+    allocated peak in whole 2 MiB segments (a lower bound: the caching allocator keeps freed blocks too)."""
+    return -(-allocated_peak // SMALL_SEGMENT) * SMALL_SEGMENT
 
 
 def device_bytes(reserved: int, gpu: Gpu) -> int:

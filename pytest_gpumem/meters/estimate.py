@@ -167,12 +167,14 @@ class EstimateTracker(StorageTracker):
         if entry is not None:
             self.allocator.free(entry[0])
 
-    def lay_out(self) -> None:
-        """Place what is alive now in a fresh allocator, in the order it was made, as if it had been loaded
-        without the transients of loading (a checkpoint's 16-bit weights before quantization, which
-        ``from_pretrained`` frees one by one and ``prepare_model_for_kbit_training`` gives back with
-        ``empty_cache``)."""
+    def lay_out(self, first: tuple[int, ...] = ()) -> None:
+        """Place what is alive now in a fresh allocator, after blocks of ``first`` bytes that no storage
+        owns (the cuBLAS workspaces), in the order it was made: as if it had been loaded without the
+        transients of loading (a checkpoint's 16-bit weights before quantization, which ``from_pretrained``
+        frees one by one and ``prepare_model_for_kbit_training`` gives back with ``empty_cache``)."""
         allocator = CachingAllocator()
+        for nbytes in first:
+            allocator.malloc(nbytes)
         blocks = {}
         for key, (_, requested) in self._blocks.items():
             block = allocator.malloc(requested)
@@ -182,8 +184,8 @@ class EstimateTracker(StorageTracker):
                 if entry is not None:
                     entry[1][0] = block.size
         self.allocator, self._blocks = allocator, blocks
-        self.current[DEVICE] = allocator.allocated
-        self.peak[DEVICE] = max(self.peak.get(DEVICE, 0), allocator.allocated)
+        self.current[DEVICE] = sum(block.size for block, _ in blocks.values())
+        self.peak[DEVICE] = max(self.peak.get(DEVICE, 0), self.current[DEVICE])
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if func is _LOCAL_SCALAR and args[0].device.type == "meta":
@@ -360,7 +362,7 @@ def forget_meta_caches() -> None:
 
 class EstimateMeter:
     """Meter of the ``estimate`` backend: the predicted allocated peak of a test on ``gpu``, and the
-    reservation the allocator model adds (see :mod:`pytest_gpumem.gpus`).
+    reservation of the allocator model (see :mod:`pytest_gpumem.allocator`), as the CLI estimates them.
 
     The fake GPU starts empty, so every value is the test's own share, as the cuda meter reports it; the
     cuBLAS workspaces are left out as the cuda meter leaves them out (it makes them before a test).
@@ -392,7 +394,9 @@ class EstimateMeter:
     def mark(self) -> Peaks:
         assert self._tracker is not None, "mark() outside begin()/end()"
         peak = self._tracker.restart_peak().get(DEVICE, 0)
-        reserved = reserved_bytes(peak)
+        allocator = self._tracker.allocator
+        reserved = reserved_bytes(allocator.peak_reserved, peak)  # modelled: the allocator model's segments
+        allocator.reset_peaks()
         # Like the cuda meter's, ``device`` is the test's share: what NVML would count beyond what was in use
         # before, the context being there already; so it is the reservation.
         return {"allocated": {DEVICE: peak}, "reserved": {DEVICE: reserved}, "device": {DEVICE: reserved}}
