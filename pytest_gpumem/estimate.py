@@ -69,12 +69,53 @@ class Recipe:
     def describe(self) -> str:
         model = str(self.config) if self.config else f"{self.arch} {self.size}"
         targets = self.lora_targets if isinstance(self.lora_targets, str) else ",".join(self.lora_targets)
+        checkpointing = f"{self.checkpointing} checkpointing" if self.gradient_checkpointing else "no checkpointing"
         return (
             f"{model}, {self.quant}{' + double quant' if self.double_quant and self.quant in ('nf4', 'fp4') else ''}, "
-            f"LoRA r{self.lora_r} {targets}, batch {self.batch} x seq {self.seq}, "
-            f"{'' if self.gradient_checkpointing else 'no '}gradient checkpointing, {self.optimizer}"
-            + (f", autocast {self.autocast}" if self.autocast else "")
+            f"LoRA r{self.lora_r} {targets}, batch {self.batch} x seq {self.seq}, {checkpointing}, "
+            f"{self.optimizer}, {self.loop} loop" + (f", autocast {self.autocast}" if self.autocast else "")
         )
+
+    def assumptions(self, config: Any = None) -> list[str]:
+        """What the estimate takes the user's stack to do, one line each (``config``: the model's, to say
+        whether its embeddings are tied)."""
+        quantized = self.quant in ("nf4", "fp4", "int8")
+        load = (
+            f"from_pretrained with a BitsAndBytesConfig ({self.quant}, compute {self.compute_dtype}), then "
+            "prepare_model_for_kbit_training: every parameter left unquantized upcast to float32"
+            if quantized
+            else f"from_pretrained in {self.quant}"
+        )
+        if config is not None:
+            tied = bool(getattr(config, "tie_word_embeddings", False))
+            load += "; input and output embeddings tied (one float32 matrix)" if tied else "; embeddings untied"
+        if not self.gradient_checkpointing:
+            checkpointing = "gradient checkpointing: off"
+        elif self.checkpointing == "reentrant":
+            checkpointing = (
+                "gradient checkpointing: reentrant (prepare_model_for_kbit_training with peft's defaults), "
+                "the input embeddings' output requiring grad"
+            )
+        else:
+            checkpointing = (
+                'gradient checkpointing: non-reentrant (gradient_checkpointing_kwargs={"use_reentrant": False}), '
+                "the input embeddings' output requiring grad"
+            )
+        loop = (
+            "loop: outputs = model(input_ids, labels=...); outputs.loss.backward(); optimizer.step(); "
+            "optimizer.zero_grad(): the outputs' float32 logits alive through backward and the next forward"
+            if self.loop == "plain"
+            else "loop: transformers' Trainer, the outputs dropped before backward"
+        )
+        return [
+            load,
+            f"LoRA r{self.lora_r}, alpha {2 * self.lora_r}, no dropout, on {self.lora_targets}",
+            checkpointing,
+            "loss: transformers' ForCausalLMLoss over every position (float32 logits)",
+            loop,
+            f"{self.optimizer}, its state made by a warm-up step; the second step is the one estimated",
+            "PyTorch's CUDA caching allocator with its default settings (no PYTORCH_CUDA_ALLOC_CONF)",
+        ]
 
 
 @dataclass
@@ -101,6 +142,7 @@ class Estimate:
     levers: list[Lever] = field(default_factory=list)
     recommended: list[str] = field(default_factory=list)
     findings: list[str] = field(default_factory=list)
+    assumed: list[str] = field(default_factory=list)  # the recipe's assumptions (Recipe.assumptions)
 
     @property
     def fits(self) -> bool:
@@ -116,11 +158,21 @@ class Estimate:
         recipe = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.recipe.__dict__.items()}
         return {
             "recipe": recipe,
-            "gpu": {"name": self.gpu.name, "memory_bytes": self.gpu.memory},
+            "assumed": self.assumed,
+            "gpu": {
+                "name": self.gpu.name,
+                "memory_bytes": self.gpu.memory,
+                "workspace_bytes": self.gpu.workspace,
+                "context_bytes": self.gpu.context,
+                "measured": list(self.gpu.measured),
+                "assumed": list(self.gpu.assumed),
+                "provenance": self.gpu.provenance(),
+            },
             "method": self.method,
             "reason": self.reason,
             "peak_bytes": self.peak,
             "reserved_bytes": self.reserved,
+            "reserved_is": "modelled" if self.method == "fake" else "formula",
             "device_bytes": self.device,
             "resident_bytes": self.resident,
             "attribution": self.attribution.to_dict() if self.attribution else None,
@@ -460,6 +512,7 @@ def estimate(recipe: Recipe, gpu: Gpu, advise: bool = True) -> Estimate:
         step.attribution,
         method,
         reason,
+        assumed=recipe.assumptions(model_config(recipe)),
     )
     if advise:
         _advise(result, step.setup)

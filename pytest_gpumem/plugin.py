@@ -318,6 +318,8 @@ class GpuMemPlugin:
         setup_oom = report.when == "setup" and OOM in item.stash  # a fixture ran out of memory: no call follows
         if not (report.when == "call" or setup_oom) or measurement is None or report.skipped:
             return report
+        if self._unseen(item, measurement):
+            return report
         result = self._judge(item, measurement, passed=report.passed)
         result.fits = list(measurement.fits)
         kept: list[Any] = []
@@ -341,6 +343,20 @@ class GpuMemPlugin:
             if result.verdict.oom is not None:
                 report.gpumem_failed = True  # type: ignore[attr-defined]  # its failure is a memory one
         return report
+
+    def _unseen(self, item: pytest.Item, measurement: Measurement) -> bool:
+        """Whether the meter could not see the test at all (the estimate backend, for a test whose tensors are
+        all real): then it says so in one warning naming the test, and nothing is judged or recorded."""
+        from .training import GpuMemWarning
+
+        blind_spot = getattr(self.meter, "blind_spot", None)
+        measurement.finish()
+        message = blind_spot(item.nodeid) if blind_spot is not None else None
+        if message is None:
+            return False
+        path, line, _ = item.location
+        warnings.warn_explicit(GpuMemWarning(message), GpuMemWarning, path, (line or 0) + 1)
+        return True
 
     def _free_failure(self, call: pytest.CallInfo[None], measurement: Measurement) -> list[Any]:
         """Free what a test that ran out of memory still holds through its traceback (the failed step's

@@ -82,7 +82,7 @@ def test_estimate_agrees_with_the_cpu_backends_measurement(tiny_checkpoint: Path
     this size); activations within 15%, since the CPU runs other kernels (flash attention, bitsandbytes'
     CPU matmul) than the estimate's CUDA choices."""
     real = _cpu_step(tiny_checkpoint)
-    _, _, fake, _ = estimate.run_step(TINY, H100)
+    fake = estimate.run_step(dataclasses.replace(TINY, loop="trainer"), H100).attribution
     assert real is not None and fake is not None
     assert fake.stage == real.stage == "backward"
     for stage in ("optimizer", "backward"):
@@ -250,9 +250,19 @@ def test_a_model_the_fake_run_cannot_take_gets_a_labelled_analytic_estimate(
         raise NotImplementedError("aten::frobnicate has no meta implementation")
 
     monkeypatch.setattr(estimate, "run_step", unsupported)
-    result = estimate.estimate(TINY, H100, advise=False)
+    result = estimate.estimate(TINY, H100)
     assert result.method == "analytic"
     assert result.reason == "the fake run failed: NotImplementedError: aten::frobnicate has no meta implementation"
     assert result.peak == pytest.approx(fake.peak, rel=0.5)
-    assert cli.main(["estimate", "--size", "tiny", "--seq", "64", "--no-levers"]) == 0
-    assert "ANALYTIC ESTIMATE (layer model, not a fake run): the fake run failed" in capsys.readouterr().out
+    # Nothing ran, so no lever may say it did: each is the formula's.
+    assert result.levers and {lever.source for lever in result.levers} == {"formula"}
+    assert all(lever.basis.startswith("analytic formula, nothing ran: ") for lever in result.levers)
+    assert not any("re-ran" in lever.basis for lever in result.levers)
+    assert cli.main(["estimate", "--size", "tiny", "--seq", "64"]) == cli.ESTIMATE_FELL_BACK == 4
+    out = capsys.readouterr().out
+    assert "ANALYTIC ESTIMATE (layer formula, nothing ran; exit status 4): the fake run failed" in out
+    assert "estimated-run" not in out and "re-ran" not in out
+    assert cli.main(["estimate", "--size", "tiny", "--seq", "64", "--json"]) == 4
+    data = json.loads(capsys.readouterr().out)
+    assert data["method"] == "analytic" and data["reserved_is"] == "formula"
+    assert {lever["source"] for lever in data["levers"]} == {"formula"}

@@ -153,8 +153,14 @@ class EstimateTracker(StorageTracker):
         self.peak[DEVICE] = 0
         self.allocator = CachingAllocator()
         self._blocks: dict[int, tuple[Block, int]] = {}  # storage -> (its block, the bytes it asked for)
+        self.seen = False  # whether any storage was made on the fake GPU
+        self.elsewhere: dict[str, int] = {}  # bytes of the storages made on real devices, which it cannot see
+
+    def _elsewhere(self, device: str, nbytes: int) -> None:
+        self.elsewhere[device] = self.elsewhere.get(device, 0) + nbytes
 
     def _charge(self, key: int, nbytes: int) -> int:
+        self.seen = True
         block = self.allocator.malloc(nbytes)
         if block is None:
             return 0
@@ -377,6 +383,23 @@ class EstimateMeter:
         self._attribute = attribute
         self._tracker: EstimateTracker | None = None
         self._fake: FakeCuda | None = None
+        self.unseen: dict[str, int] = {}  # after end(): the bytes a test made on real devices, if none on the fake
+
+    def blind_spot(self, nodeid: str) -> str | None:
+        """After :meth:`end`: why the last test could not be measured, in one line, or None. A test whose
+        tensors are all real (a model loaded with ``device_map="cpu"``, say) never touches the fake GPU: its
+        prediction would read 0 B, which is no prediction."""
+        if not self.unseen:
+            return None
+        from ..units import format_bytes
+
+        where = ", ".join(f"{format_bytes(nbytes)} on {device}" for device, nbytes in sorted(self.unseen.items()))
+        return (
+            f"gpumem: the estimate backend could not see {nodeid}: it made its tensors on real devices ({where}) "
+            "and none on the fake GPU (the meta device), so nothing was predicted and no result or baseline is "
+            "recorded for it; build its model on the meta device (the quantized_model fixture does) or measure "
+            "it with --gpumem-backend=cpu"
+        )
 
     @property
     def tracker(self) -> EstimateTracker | None:
@@ -385,6 +408,7 @@ class EstimateMeter:
 
     def begin(self) -> Peaks:
         release_failures()
+        self.unseen = {}
         self._fake = FakeCuda(self.gpu)
         self._fake.__enter__()
         self._tracker = EstimateTracker(self.gpu, attribute=self._attribute)
@@ -403,6 +427,8 @@ class EstimateMeter:
 
     def end(self) -> None:
         if self._tracker is not None:
+            if not self._tracker.seen:
+                self.unseen = {device: n for device, n in self._tracker.elsewhere.items() if n}
             self._tracker.__exit__(None, None, None)
             self._tracker.forget()
             self._tracker = None

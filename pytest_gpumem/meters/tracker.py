@@ -258,6 +258,7 @@ class StorageTracker(TorchDispatchMode):
                 return
             device = self.meta_device
         elif self.meta_device is not None:
+            self._elsewhere(device, storage.nbytes())
             return
         nbytes = storage.nbytes()
         if self.allocator_blocks and device != "cpu":
@@ -293,6 +294,9 @@ class StorageTracker(TorchDispatchMode):
         if best_window is None or now > best_window[0]:
             module: Any = node.name() if node is not None else (self.module_stack[-1] if self.module_stack else None)
             window[device] = (now, self.seq, (self.phase, stage, module))
+
+    def _elsewhere(self, device: str, nbytes: int) -> None:
+        """A storage made off the fake device (with ``meta_device`` set): not counted; see the estimate meter."""
 
     def _charge(self, key: int, nbytes: int) -> int:
         """What the device's allocator charges for a new storage of ``nbytes`` (its 512-byte blocks)."""

@@ -25,12 +25,24 @@ def lines(result: Estimate) -> list[str]:
     gpu = result.gpu
     out = [f"gpumem estimate: {result.recipe.describe()} on {gpu.name} ({format_bytes(gpu.memory)})"]
     if result.method == "analytic":
-        out.append(f"ANALYTIC ESTIMATE (layer model, not a fake run): {result.reason}")
+        out.append(
+            f"ANALYTIC ESTIMATE (layer formula, nothing ran; exit status 4): {result.reason}; every figure below, "
+            "the levers' too, comes from the formula"
+        )
+    if result.assumed:
+        out.append("recipe assumed:")
+        out += [f"  - {line}" for line in result.assumed]
     peak = result.peak
     rows: list[tuple[str, ...]] = [
         ("peak allocated", format_bytes(peak), "the step's peak of live tensors, resident model included"),
         ("  resident", format_bytes(result.resident), "allocated before the step (model, optimizer state)"),
-        ("reserved", format_bytes(result.reserved), "the caching allocator's segments (modelled)"),
+        (
+            "reserved",
+            format_bytes(result.reserved),
+            "modelled: the caching allocator's segments, its rules replayed over the step"
+            if result.method == "fake"
+            else "formula: the peak in whole 2 MiB segments (a lower bound)",
+        ),
         ("device", format_bytes(result.device), "reserved + CUDA context and libraries (what nvidia-smi shows)"),
     ]
     if result.attribution is not None:
@@ -49,7 +61,12 @@ def lines(result: Estimate) -> list[str]:
         out.append(f"DOES NOT FIT: needs {format_bytes(result.needed)} more than {gpu.name} has")
     out += [f"note: {finding}" for finding in result.findings]
     if result.levers:
-        out.append("levers (saving on the peak; 'estimated-run' = the recipe estimated again with the lever):")
+        legend = (
+            "'formula' = the analytic formula with the lever applied"
+            if result.method == "analytic"
+            else "'estimated-run' = the recipe estimated again with the lever"
+        )
+        out.append(f"levers (saving on the peak; {legend}):")
         lever_rows = [
             (
                 ("* " if lever.key in result.recommended else "  ") + lever.key,
@@ -62,7 +79,6 @@ def lines(result: Estimate) -> list[str]:
         out += _aligned(lever_rows)
         if result.recommended:
             out.append(f"recommended (*): {', '.join(result.recommended)}")
-    if not gpu.measured:
-        out.append(f"{gpu.name}: context and workspace sizes carried over from the H200 measurement")
+    out.append(gpu.provenance())
     out.append(f"sizes in binary units (1 GiB = 2^30 bytes); estimated in {result.seconds:.1f} s without a GPU")
     return out
