@@ -505,7 +505,7 @@ def recipe_of(case: Case, config_root: Path) -> Any:
 def estimates(selected: list[Case], gpu_name: str, config_root: Path) -> dict[str, dict[str, Any]]:
     """Every case estimated on fake tensors for ``gpu_name``: the allocated peak (workspaces included), the
     allocator model's segments at the peak (before any fitted share), what was allocated when the step
-    began (workspaces included, as the measurement counts it), and where the peak is."""
+    began (workspaces included, as the measurement counts it)."""
     from pytest_gpumem import estimate, gpus
 
     gpu = gpus.find_gpu(gpu_name, "--gpu")
@@ -514,13 +514,11 @@ def estimates(selected: list[Case], gpu_name: str, config_root: Path) -> dict[st
     try:
         for case in selected:
             started = time.perf_counter()
-            step = estimate.run_step(recipe_of(case, config_root), gpu)
-            where = step.attribution
+            step = estimate.run_step(recipe_of(case, config_root), gpu, attribute=False)
             rows[case.name] = {
                 "peak": step.peak,
                 "segments": step.reserved,
                 "resident": step.resident + gpu.workspace,
-                "at_peak": f"{where.stage} {where.module}" if where is not None else "",
                 "seconds": round(time.perf_counter() - started, 2),
             }
             print(f"estimated {case.name}: {rows[case.name]}", file=sys.stderr, flush=True)
@@ -559,7 +557,7 @@ def score(
             continue
         row: dict[str, Any] = {"case": case.name, "sample": case.sample, "status": measured.get("status")}
         reserved = guess["segments"] + int(guess["peak"] * fragmentation)
-        row.update(estimated=guess["peak"], reserved_estimated=reserved, estimated_at_peak=guess["at_peak"])
+        row.update(estimated=guess["peak"], reserved_estimated=reserved)
         row["resident_estimated"] = guess["resident"]
         if measured.get("status") == "ok":
             row.update(measured=measured["peak"], reserved_measured=measured["reserved"])
@@ -655,7 +653,10 @@ def read_real(paths: list[Path]) -> dict[str, Any]:
     merged: dict[str, Any] = {**runs[0], "cases": {}}
     merged["headers"] = [run.get("header", {}) for run in runs]
     for run in runs:
-        merged["cases"].update(run["cases"])
+        for row in run["cases"].values():
+            row.setdefault("loop", "trainer")  # the runs before the plain loop ran Trainer's
+            case = Case(row["shape"], row["variant"], row["batch"], row["seq"], row["sample"], row["loop"])
+            merged["cases"][case.name] = row
     return merged
 
 
@@ -710,7 +711,7 @@ def main() -> None:
             gpu = args.gpu or ("H200" if "H200" in str(real.get("device")) else "H100")
             # The cases the run measured, as it recorded them (shape, variant, batch, seq, set).
             selected = [
-                Case(row["shape"], row["variant"], row["batch"], row["seq"], row["sample"], row.get("loop", "trainer"))
+                Case(row["shape"], row["variant"], row["batch"], row["seq"], row["sample"], row["loop"])
                 for row in real["cases"].values()
                 if not args.only or row["shape"] in args.only.split(",")
             ]

@@ -76,9 +76,9 @@ class Recipe:
             f"{self.optimizer}, {self.loop} loop" + (f", autocast {self.autocast}" if self.autocast else "")
         )
 
-    def assumptions(self, config: Any = None) -> list[str]:
+    def assumptions(self, config: Any = None, in_effect: str | None = None) -> list[str]:
         """What the estimate takes the user's stack to do, one line each (``config``: the model's, to say
-        whether its embeddings are tied)."""
+        whether its embeddings are tied; ``in_effect``: the checkpointing variant read from the built model)."""
         quantized = self.quant in ("nf4", "fp4", "int8")
         load = (
             f"from_pretrained with a BitsAndBytesConfig ({self.quant}, compute {self.compute_dtype}), then "
@@ -101,6 +101,8 @@ class Recipe:
                 'gradient checkpointing: non-reentrant (gradient_checkpointing_kwargs={"use_reentrant": False}), '
                 "the input embeddings' output requiring grad"
             )
+        if in_effect is not None:
+            checkpointing += f"; read from the built model: {in_effect}"
         loop = (
             "loop: outputs = model(input_ids, labels=...); outputs.loss.backward(); optimizer.step(); "
             "optimizer.zero_grad(): the outputs' float32 logits alive through backward and the next forward"
@@ -335,6 +337,18 @@ def _check(recipe: Recipe) -> None:
         raise BadValue(f"--checkpointing-variant: unknown variant {recipe.checkpointing!r}; choose one of {choices}")
 
 
+def checkpointing_variant(model: Any) -> str | None:
+    """The gradient checkpointing in effect in ``model``, read from it: ``reentrant``, ``non-reentrant``, or
+    None where no layer checkpoints (a peft wrapper is read through)."""
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is True:
+            function = getattr(module, "_gradient_checkpointing_func", None)
+            keywords = getattr(function, "keywords", None) or {}
+            # torch.utils.checkpoint's default, where nothing is passed, is reentrant.
+            return "non-reentrant" if keywords.get("use_reentrant") is False else "reentrant"
+    return None
+
+
 def checkpointing_kwargs(recipe: Recipe) -> dict[str, bool]:
     """What the recipe passes as ``gradient_checkpointing_kwargs``: its variant, said explicitly (peft's
     default, none, reaches ``torch.utils.checkpoint`` as ``use_reentrant=True``)."""
@@ -379,6 +393,7 @@ class Step:
     resident: int
     attribution: Attribution | None
     setup: Any
+    checkpointing: str | None = None  # the variant the built model checkpoints with, read from it
 
 
 def run_step(recipe: Recipe, gpu: Gpu, attribute: bool = True) -> Step:
@@ -418,6 +433,7 @@ def run_step(recipe: Recipe, gpu: Gpu, attribute: bool = True) -> Step:
             measurement.enter("setup")
             with measurement.stage("load"):
                 model = _build(recipe)
+            variant = checkpointing_variant(model)
             measurement.register_model(model)
             measurement.exit("setup")
             # The model keeps the checkpointing it was prepared with (train_steps would set its own variant).
@@ -431,7 +447,7 @@ def run_step(recipe: Recipe, gpu: Gpu, attribute: bool = True) -> Step:
     # The fake GPU starts empty, so the call phase's peaks are the measured step's absolute peaks.
     peak = (sample.value("allocated", "call") or 0) + gpu.workspace
     # The meter's reserved is the allocator model's (workspaces included, from the lay-out) with the fitted share.
-    return Step(peak, sample.value("reserved", "call") or 0, resident, sample.attribution, setup)
+    return Step(peak, sample.value("reserved", "call") or 0, resident, sample.attribution, setup, variant)
 
 
 def plain_loop(
@@ -512,7 +528,7 @@ def estimate(recipe: Recipe, gpu: Gpu, advise: bool = True) -> Estimate:
         step.attribution,
         method,
         reason,
-        assumed=recipe.assumptions(model_config(recipe)),
+        assumed=recipe.assumptions(model_config(recipe), step.checkpointing if method == "fake" else None),
     )
     if advise:
         _advise(result, step.setup)

@@ -266,3 +266,135 @@ def test_a_model_the_fake_run_cannot_take_gets_a_labelled_analytic_estimate(
     data = json.loads(capsys.readouterr().out)
     assert data["method"] == "analytic" and data["reserved_is"] == "formula"
     assert {lever["source"] for lever in data["levers"]} == {"formula"}
+
+
+# -- what the user's stack does
+
+
+def _real_peak(path: Path, loop: str, checkpointing: str | None) -> int:
+    """The measured step's allocated peak on the CPU meter, for the standard recipe: from_pretrained (nf4),
+    prepare_model_for_kbit_training with peft's defaults (or non-reentrant), LoRA r16, AdamW."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    measurement = Measurement(meters.create("cpu"))
+    measurement.enter("setup")
+    kwargs = {"use_reentrant": False} if checkpointing == "non-reentrant" else None
+    model = prepare_model_for_kbit_training(
+        models.load(path, "nf4", True, "bfloat16", None),
+        use_gradient_checkpointing=checkpointing is not None,
+        gradient_checkpointing_kwargs=kwargs,
+    )
+    model = get_peft_model(model, LoraConfig(r=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    measurement.register_model(model)
+    measurement.exit("setup")
+
+    @contextlib.contextmanager
+    def phase(name: str) -> Iterator[None]:
+        with measurement.phase("call" if name == "step2" else "warmup"):
+            yield
+
+    steps = training.train_steps if loop == "trainer" else estimate.plain_loop
+    with estimate._quiet():
+        steps(model, batch=TINY.batch, seq=TINY.seq, steps=2, phase=phase, gradient_checkpointing=None)
+    return measurement.finish().value("allocated", "call") or 0
+
+
+def test_the_plain_loop_keeps_one_float32_logits_tensor_more_as_the_cpu_measures(tiny_checkpoint: Path) -> None:
+    """``outputs = model(...); outputs.loss.backward()`` keeps the outputs, and so the float32 logits, alive
+    through backward: the estimate of that loop is one logits tensor above the Trainer's, exactly as much as
+    the cpu backend measures between the two loops for real."""
+    logits = TINY.batch * TINY.seq * models.preset("llama", "tiny").config["vocab_size"] * 4
+    real = _real_peak(tiny_checkpoint, "plain", None) - _real_peak(tiny_checkpoint, "trainer", None)
+    plain = estimate.run_step(TINY, H100, attribute=False).peak
+    trainer = estimate.run_step(dataclasses.replace(TINY, loop="trainer"), H100, attribute=False).peak
+    assert real == plain - trainer == logits
+
+
+def test_the_checkpointing_variant_is_the_one_peft_sets_and_is_read_back(tiny_checkpoint: Path) -> None:
+    """peft's kbit preparation with its defaults checkpoints reentrantly: the estimate builds its model so,
+    reads the variant back from it, and says so; with non-reentrant asked, it builds and says that."""
+    from peft import prepare_model_for_kbit_training
+
+    with estimate._quiet():
+        real = prepare_model_for_kbit_training(models.load(tiny_checkpoint, "nf4", True, "bfloat16", None))
+    assert estimate.checkpointing_variant(real) == "reentrant"
+    for variant in estimate.CHECKPOINTING:
+        recipe = dataclasses.replace(TINY, gradient_checkpointing=True, checkpointing=variant)
+        step = estimate.run_step(recipe, H100, attribute=False)
+        assert step.checkpointing == variant
+        result = estimate.estimate(recipe, H100, advise=False)
+        assert any(line.endswith(f"read from the built model: {variant}") for line in result.assumed)
+    assert estimate.run_step(TINY, H100, attribute=False).checkpointing is None
+
+
+def test_the_meter_charges_what_the_cuda_caching_allocator_charges() -> None:
+    """11 MiB in a fresh 12 MiB segment cannot be split (1 MiB left): CUDA's memory_allocated counts 12 MiB,
+    and so does the estimate; a 5 MiB tensor takes 5 MiB of a 20 MiB segment, which reserved counts."""
+    from pytest_gpumem.meters.estimate import DEVICE, EstimateMeter
+
+    meter = EstimateMeter(H100)
+    meter.begin()
+    try:
+        big = torch.empty(11 * 2**20, dtype=torch.uint8, device="meta")
+        first = meter.mark()
+        small = torch.empty(5 * 2**20, dtype=torch.uint8, device="meta")
+        second = meter.mark()
+        del big, small
+    finally:
+        meter.end()
+    assert first["allocated"][DEVICE] == first["reserved"][DEVICE] == 12 * 2**20
+    assert second["allocated"][DEVICE] == 17 * 2**20 and second["reserved"][DEVICE] == 32 * 2**20
+
+
+def test_cli_says_which_recipe_and_which_gpu_figures_it_assumed(capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["estimate", "--size", "tiny", "--batch", "2", "--seq", "64", "--no-levers"]
+    assert cli.main([*base, "--gpu", "H100", "--gradient-checkpointing"]) == 0
+    out = capsys.readouterr().out
+    assert "reentrant checkpointing" in out and "plain loop" in out and "recipe assumed:" in out
+    assert "read from the built model: reentrant" in out
+    assert "H100: cuBLAS workspaces (65 MiB) assumed" in out and "(not measured on this GPU)" in out
+    args = [*base, "--gpu", "H200", "--gradient-checkpointing", "--checkpointing-variant", "non-reentrant"]
+    assert cli.main([*args, "--loop", "trainer", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["recipe"]["checkpointing"] == "non-reentrant" and data["recipe"]["loop"] == "trainer"
+    assert any("non-reentrant" in line for line in data["assumed"])
+    assert any("Trainer" in line for line in data["assumed"])
+    assert data["gpu"]["assumed"] == [] and data["gpu"]["measured"] == ["workspace", "context"]
+    assert data["reserved_is"] == "modelled"
+    assert cli.main([*base, "--gpu", "A100-80GB", "--json"]) == 0
+    gpu = json.loads(capsys.readouterr().out)["gpu"]
+    assert gpu["assumed"] == ["workspace", "context"] and gpu["workspace_bytes"] < H100.workspace
+
+
+UNSEEN = """
+import torch
+from transformers import AutoModelForCausalLM
+
+def test_loads_on_the_cpu():
+    model = AutoModelForCausalLM.from_pretrained({path!r}, device_map="cpu")
+    model(torch.randint(0, 100, (1, 16))).logits.sum().backward()
+
+def test_no_tensors():
+    assert sum(range(10)) == 45
+
+def test_on_the_fake_gpu():
+    torch.ones(1000, device="meta").sum()
+"""
+
+
+def test_a_test_the_estimate_cannot_see_is_said_and_recorded_nowhere(
+    pytester: pytest.Pytester, tiny_checkpoint: Path
+) -> None:
+    """A user's test that loads with device_map="cpu" makes real tensors, which the fake GPU never sees: not
+    a 0-byte prediction and baseline, but one warning naming the test, and no record of it."""
+    pytester.makepyfile(test_unseen=UNSEEN.format(path=str(tiny_checkpoint)))
+    args = ["--gpumem-backend=estimate", "--gpumem-all", "-p", "no:cacheprovider", "--gpumem-json=out.json"]
+    result = pytester.runpytest(*args, "--gpumem-update-baselines")
+    result.assert_outcomes(passed=3)
+    text = "\n".join(result.outlines)
+    assert "gpumem: the estimate backend could not see test_unseen.py::test_loads_on_the_cpu: it made its " in text
+    assert "on the fake GPU (the meta device)" in text and "could not see test_unseen.py::test_no_t" not in text
+    stored = json.loads((pytester.path / "baselines" / "estimate-H100.json").read_text())["tests"]
+    assert set(stored) == {"test_unseen.py::test_no_tensors", "test_unseen.py::test_on_the_fake_gpu"}
+    reported = {t["nodeid"] for t in json.loads((pytester.path / "out.json").read_text())["tests"]}
+    assert "test_unseen.py::test_loads_on_the_cpu" not in reported

@@ -153,14 +153,18 @@ class EstimateTracker(StorageTracker):
         self.peak[DEVICE] = 0
         self.allocator = CachingAllocator()
         self._blocks: dict[int, tuple[Block, int]] = {}  # storage -> (its block, the bytes it asked for)
-        self.seen = False  # whether any storage was made on the fake GPU
-        self.elsewhere: dict[str, int] = {}  # bytes of the storages made on real devices, which it cannot see
+        # What the test made, on the fake GPU and on real devices (which it cannot see): storages and bytes.
+        self.made = [0, 0]
+        self.elsewhere: dict[str, list[int]] = {}
 
     def _elsewhere(self, device: str, nbytes: int) -> None:
-        self.elsewhere[device] = self.elsewhere.get(device, 0) + nbytes
+        made = self.elsewhere.setdefault(device, [0, 0])
+        made[0] += 1
+        made[1] += nbytes
 
     def _charge(self, key: int, nbytes: int) -> int:
-        self.seen = True
+        self.made[0] += 1
+        self.made[1] += nbytes
         block = self.allocator.malloc(nbytes)
         if block is None:
             return 0
@@ -383,22 +387,24 @@ class EstimateMeter:
         self._attribute = attribute
         self._tracker: EstimateTracker | None = None
         self._fake: FakeCuda | None = None
-        self.unseen: dict[str, int] = {}  # after end(): the bytes a test made on real devices, if none on the fake
+        self.unseen: dict[str, int] = {}  # after end(): bytes made per device, where most were off the fake GPU
 
     def blind_spot(self, nodeid: str) -> str | None:
-        """After :meth:`end`: why the last test could not be measured, in one line, or None. A test whose
-        tensors are all real (a model loaded with ``device_map="cpu"``, say) never touches the fake GPU: its
-        prediction would read 0 B, which is no prediction."""
+        """After :meth:`end`: why the last test could not be measured, in one line, or None. A test that makes
+        more tensors on real devices than on the fake GPU (a model loaded with ``device_map="cpu"``, say) runs
+        where the fake GPU cannot see it: its prediction would read next to nothing, which is no prediction."""
         if not self.unseen:
             return None
         from ..units import format_bytes
 
-        where = ", ".join(f"{format_bytes(nbytes)} on {device}" for device, nbytes in sorted(self.unseen.items()))
+        fake = self.unseen.get("the fake GPU", 0)
+        real = {device: nbytes for device, nbytes in self.unseen.items() if device != "the fake GPU"}
+        where = ", ".join(f"{format_bytes(nbytes)} on {device}" for device, nbytes in sorted(real.items()))
         return (
-            f"gpumem: the estimate backend could not see {nodeid}: it made its tensors on real devices ({where}) "
-            "and none on the fake GPU (the meta device), so nothing was predicted and no result or baseline is "
-            "recorded for it; build its model on the meta device (the quantized_model fixture does) or measure "
-            "it with --gpumem-backend=cpu"
+            f"gpumem: the estimate backend could not see {nodeid}: it made most of its tensors on real devices "
+            f"({where}), {format_bytes(fake)} on the fake GPU (the meta device), so no prediction, result or baseline "
+            "is recorded for it; build its model on the meta device (the quantized_model fixture does) or "
+            "measure it with --gpumem-backend=cpu"
         )
 
     @property
@@ -427,8 +433,13 @@ class EstimateMeter:
 
     def end(self) -> None:
         if self._tracker is not None:
-            if not self._tracker.seen:
-                self.unseen = {device: n for device, n in self._tracker.elsewhere.items() if n}
+            # Most of the test's tensors made on real devices: its model is not on the fake GPU. Counted in
+            # tensors, not bytes: from_pretrained builds a model's skeleton on the meta device, as large as the
+            # model, before it loads the weights where device_map says; the step then makes many more.
+            tracker = self._tracker
+            if sum(count for count, _ in tracker.elsewhere.values()) > tracker.made[0]:
+                self.unseen = {device: nbytes for device, (_, nbytes) in tracker.elsewhere.items()}
+                self.unseen["the fake GPU"] = tracker.made[1]
             self._tracker.__exit__(None, None, None)
             self._tracker.forget()
             self._tracker = None
