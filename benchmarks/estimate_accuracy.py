@@ -160,11 +160,13 @@ class Case:
     seq: int
     sample: str  # "in" (fit set) or "out"
     loop: str = "plain"  # see LOOPS
+    use_cache: bool = True  # model.config.use_cache, as from_pretrained leaves these models' configs
 
     @property
     def name(self) -> str:
         checkpointing = "no gc" if self.variant == "none" else f"gc {self.variant}"
-        return f"{self.shape} b{self.batch}x{self.seq} {checkpointing} {self.loop} loop"
+        cache = "" if self.use_cache else ", use_cache=False"
+        return f"{self.shape} b{self.batch}x{self.seq} {checkpointing} {self.loop} loop{cache}"
 
 
 def cases() -> list[Case]:
@@ -180,11 +182,15 @@ def cases() -> list[Case]:
             found += [Case(shape, variant, b, s, "out") for b, s in ((1, 2048), (4, 1024))]
         found += [Case(shape, variant, 1, 2048, "out", "trainer") for variant in ("none", "reentrant")]
     found.append(Case("tinyllama-1.1b", "reentrant", 8, 512, "out"))
+    found.append(Case("tinyllama-1.1b", "reentrant", 3, 1000, "out"))  # sizes that are no multiple of 2 MiB
+    found.append(Case("qwen2.5-1.5b", "none", 2, 1000, "out"))
+    found.append(Case("qwen2.5-1.5b", "none", 1, 2048, "out", use_cache=False))  # as QLoRA notebooks set it
     fit_shapes = ((1, 1024), (1, 2048), (4, 1024), (4, 2048))
     for shape in ("llama-3.2-1b", "mistral-7b-v0.1", "llama-3.1-8b"):
         if shape == "mistral-7b-v0.1":
             for variant in VARIANTS:
                 found += [Case(shape, variant, b, s, "out") for b, s in ((1, 2048), (4, 1024))]
+            found.append(Case(shape, "none", 4, 1024, "out", "trainer", use_cache=False))
             continue
         for variant in ("none", "non-reentrant"):
             found += [Case(shape, variant, b, s, "in", "trainer") for b, s in fit_shapes]
@@ -209,7 +215,7 @@ def write_config(shape: str, root: Path) -> Path:
     arch, fields = SHAPES[shape]
     path = root / shape
     if not (path / "config.json").is_file():
-        AutoConfig.for_model(arch, **fields, use_cache=False).save_pretrained(path)
+        AutoConfig.for_model(arch, **fields).save_pretrained(path)
     return path
 
 
@@ -452,6 +458,7 @@ def measure(selected: list[Case], model_dir: Path, json_path: Path, history: boo
                     else:
                         case_started = time.perf_counter()
                         try:
+                            model.config.use_cache = case.use_cache
                             if case.variant == "non-reentrant":
                                 set_variant(model, case.variant)
                             row.update(measure_case(model, case, history), status="ok")
@@ -499,6 +506,7 @@ def recipe_of(case: Case, config_root: Path) -> Any:
         gradient_checkpointing=case.variant != "none",
         checkpointing=case.variant if case.variant != "none" else "reentrant",
         loop=case.loop,
+        use_cache=case.use_cache,
     )
 
 
@@ -655,7 +663,10 @@ def read_real(paths: list[Path]) -> dict[str, Any]:
     for run in runs:
         for row in run["cases"].values():
             row.setdefault("loop", "trainer")  # the runs before the plain loop ran Trainer's
-            case = Case(row["shape"], row["variant"], row["batch"], row["seq"], row["sample"], row["loop"])
+            row.setdefault("use_cache", True)
+            case = Case(
+                row["shape"], row["variant"], row["batch"], row["seq"], row["sample"], row["loop"], row["use_cache"]
+            )
             merged["cases"][case.name] = row
     return merged
 
@@ -711,7 +722,9 @@ def main() -> None:
             gpu = args.gpu or ("H200" if "H200" in str(real.get("device")) else "H100")
             # The cases the run measured, as it recorded them (shape, variant, batch, seq, set).
             selected = [
-                Case(row["shape"], row["variant"], row["batch"], row["seq"], row["sample"], row["loop"])
+                Case(
+                    row["shape"], row["variant"], row["batch"], row["seq"], row["sample"], row["loop"], row["use_cache"]
+                )
                 for row in real["cases"].values()
                 if not args.only or row["shape"] in args.only.split(",")
             ]

@@ -376,6 +376,13 @@ def report(args: argparse.Namespace) -> int:
         help="plain: outputs = model(...); outputs.loss.backward(), the logits alive through backward; "
         "trainer: transformers' Trainer, which drops the outputs before backward (default: plain)",
     ),
+    arg(
+        "--use-cache",
+        default="config",
+        choices=("config", "true", "false"),
+        help="model.config.use_cache: as the config has it (true for Llama, Mistral, Qwen2: without checkpointing "
+        "the forward pass fills a KV cache), or set (false is what QLoRA notebooks often set; default: config)",
+    ),
     arg("--optimizer", default="adamw", help="adamw, adamw8bit or paged_adamw8bit (default: adamw)"),
     arg("--gpu", default="H100", help="H100, H200, A100-40GB, A100-80GB, L4, A10, T4, RTX-4090, or a size: 16GiB"),
     arg("--no-levers", action="store_true", help="skip the levers (each is a further estimate)"),
@@ -416,6 +423,7 @@ def estimate_command(args: argparse.Namespace) -> int:
         gradient_checkpointing=args.gradient_checkpointing,
         checkpointing=args.checkpointing_variant,
         loop=args.loop,
+        use_cache=None if args.use_cache == "config" else args.use_cache == "true",
         optimizer=args.optimizer,
     )
     if isinstance(targets, tuple):

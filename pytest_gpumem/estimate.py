@@ -65,6 +65,7 @@ class Recipe:
     autocast: str | None = None
     accumulation: int = 1
     loop: str = "plain"  # see LOOPS
+    use_cache: bool | None = None  # model.config.use_cache; None: the config's own (see uses_cache)
 
     def describe(self) -> str:
         model = str(self.config) if self.config else f"{self.arch} {self.size}"
@@ -103,6 +104,16 @@ class Recipe:
             )
         if in_effect is not None:
             checkpointing += f"; read from the built model: {in_effect}"
+        cache = self.use_cache if self.use_cache is not None else bool(getattr(config, "use_cache", False))
+        if not cache:
+            kv = "KV cache: off (model.config.use_cache = False)"
+        elif self.gradient_checkpointing:
+            kv = "KV cache: on in the config, but gradient checkpointing turns it off in training"
+        else:
+            kv = (
+                "KV cache: on (model.config.use_cache, as the config leaves it): the forward pass copies every "
+                "layer's keys and values into a DynamicCache, which the outputs hold"
+            )
         loop = (
             "loop: outputs = model(input_ids, labels=...); outputs.loss.backward(); optimizer.step(); "
             "optimizer.zero_grad(): the outputs' float32 logits alive through backward and the next forward"
@@ -113,6 +124,7 @@ class Recipe:
             load,
             f"LoRA r{self.lora_r}, alpha {2 * self.lora_r}, no dropout, on {self.lora_targets}",
             checkpointing,
+            kv,
             "loss: transformers' ForCausalLMLoss over every position (float32 logits)",
             loop,
             f"{self.optimizer}, its state made by a warm-up step; the second step is the one estimated",
@@ -211,8 +223,13 @@ def model_config(recipe: Recipe) -> Any:
         except ValueError as exc:
             raise BadValue(str(exc).replace("quantized_model: ", "--arch/--size: ")) from None
         config = AutoConfig.for_model(recipe.arch, **shape.config)
-    config.use_cache = False
     return config
+
+
+def uses_cache(recipe: Recipe, config: Any) -> bool:
+    """Whether the model fills a KV cache in training: the recipe's choice, else the config's own
+    ``use_cache`` (true in most, and ``from_pretrained`` leaves it so)."""
+    return bool(getattr(config, "use_cache", False)) if recipe.use_cache is None else recipe.use_cache
 
 
 def _skip(name: str, config: Any) -> bool:
@@ -363,6 +380,7 @@ def _build(recipe: Recipe) -> Any:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     config = model_config(recipe)
+    use_cache = uses_cache(recipe, config)
     model = fake_model(config, recipe.quant, recipe.double_quant, recipe.compute_dtype)
     kwargs = checkpointing_kwargs(recipe)
     if models.is_quantized(model):
@@ -377,7 +395,7 @@ def _build(recipe: Recipe) -> Any:
         r=recipe.lora_r, lora_alpha=2 * recipe.lora_r, target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM"
     )
     model = get_peft_model(model, lora)
-    model.config.use_cache = False
+    model.config.use_cache = use_cache
     return model
 
 
@@ -629,7 +647,11 @@ def analytic(recipe: Recipe, gpu: Gpu) -> Step:
         layers = shape.layers * per_layer.total(tokens, recipe.seq)
     # float32 logits, their log-softmax and its gradient, and in the plain loop the logits the outputs hold
     logits = (4 if recipe.loop == "plain" else 3) * tokens * shape.vocab * 4
-    activations = int(layers + logits)
+    # Without checkpointing a KV cache holds a copy of every layer's keys and values; the plain loop's outputs
+    # keep it through backward.
+    cached = uses_cache(recipe, config) and not recipe.gradient_checkpointing and recipe.loop == "plain"
+    cache = 2 * shape.layers * tokens * shape.kv_heads * head_dim * hidden_bytes if cached else 0
+    activations = int(layers + logits + cache)
     peak = weights + gradients + optimizer + activations
     attribution = Attribution(
         peak=Breakdown(weights, gradients, optimizer, activations, int(layers)), device="cuda:0", stage="backward"
