@@ -9,8 +9,9 @@ Two steps, two machines:
        python benchmarks/estimate_accuracy.py --measure --json benchmarks/results/estimate-accuracy-h200.json
 
 2. Without ``--measure`` (any machine, no GPU) the script estimates every measured case on fake tensors,
-   fits the reserved model's constants on the in-sample cases only, and scores the estimate on both sets;
-   the results file (Markdown, and ``--json`` the same numbers) is written whole by this one run:
+   fits the reserved model's one constant on the in-sample cases only, scores the estimate on both sets,
+   and times one 8B estimate; the results file (Markdown, and ``--json`` the same numbers) is written whole
+   by this one run:
 
        python benchmarks/estimate_accuracy.py --real benchmarks/results/estimate-accuracy-h200.json \\
            --out benchmarks/results/estimate-accuracy.md --json benchmarks/results/estimate-accuracy.json
@@ -19,22 +20,23 @@ Two steps, two machines:
 
 The two sets:
 
-- **in-sample** (the recipe the estimate was built on, and what the reserved model is fitted on): Llama
-  3.2 1B and Llama 3.1 8B shapes, without checkpointing and with non-reentrant checkpointing, batch 1 and
-  4 x seq 1024 and 2048;
+- **in-sample** (the recipe the estimate was first built on, and what the reserved share is fitted on):
+  Llama 3.2 1B and Llama 3.1 8B shapes, without checkpointing and with non-reentrant checkpointing, batch 1
+  and 4 x seq 1024 and 2048, in a Trainer-like loop (the outputs dropped before backward);
 - **out-of-sample**: other shapes (TinyLlama 1.1B, Qwen2.5 1.5B with tied embeddings and a 151936-token
-  vocabulary, Mistral 7B v0.1), the other checkpointing variant (reentrant, what peft's kbit preparation
-  gives by default) on every shape, and batch/sequence shapes not in the fit set.
+  vocabulary, Mistral 7B v0.1 with its sliding window), the other checkpointing variant (reentrant, what
+  peft's kbit preparation gives by default) on every shape, the tutorials' loop (``outputs = model(...);
+  outputs.loss.backward()``), batch and sequence shapes not in the fit set, and ``use_cache=False``.
 
-Every case follows the standard QLoRA recipe, done for real as a user does it: random weights saved as a
-checkpoint and loaded through ``from_pretrained`` with a ``BitsAndBytesConfig`` (nf4, double quantization,
-bfloat16 compute); ``prepare_model_for_kbit_training(model, use_gradient_checkpointing=...)`` with peft's
-defaults (``gradient_checkpointing_kwargs={"use_reentrant": False}`` for the non-reentrant cases); LoRA r16
-on all linear layers; ``torch.optim.AdamW``; ``model(input_ids=x, labels=x).loss.backward()``; a warm-up
-step, then the measured step. The measured figure is the allocator's allocated peak over the measured step
-(absolute: the model, optimizer state and cuBLAS workspaces included, in a process holding nothing else).
-During the measured step the allocator's history is recorded, and what was alive at its peak is kept
-(largest blocks, and the Python frames that made them) to show where an estimate went wrong.
+Every case loads the model as a user does: random weights saved as a checkpoint and loaded through
+``from_pretrained`` with a ``BitsAndBytesConfig`` (nf4, double quantization, bfloat16 compute), the config's
+``use_cache`` left as it is unless the case says otherwise; ``prepare_model_for_kbit_training(model,
+use_gradient_checkpointing=...)`` with peft's defaults (``gradient_checkpointing_kwargs={"use_reentrant":
+False}`` for the non-reentrant cases); LoRA r16 on all linear layers; ``torch.optim.AdamW``; ``labels`` =
+the inputs; a warm-up step, then the measured step. The measured figure is the allocator's allocated peak
+over the measured step (absolute: the model, optimizer state and cuBLAS workspaces included, in a process
+holding nothing else). During the measured step the allocator's history is recorded, and what was alive at
+its peak is kept (largest blocks, and the Python frames that made them) to show where an estimate went wrong.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import contextlib
 import gc
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -535,6 +538,21 @@ def estimates(selected: list[Case], gpu_name: str, config_root: Path) -> dict[st
     return rows
 
 
+def speed(gpu_name: str) -> dict[str, Any]:
+    """What ``gpumem estimate`` costs: the 8B estimate (batch 1 x seq 2048, checkpointing, without the levers)
+    in a child process on this machine; its wall seconds (imports included) and its own peak RSS."""
+    code = (
+        "import resource; from pytest_gpumem import estimate, gpus; "
+        "r = estimate.Recipe(size='8b', batch=1, seq=2048, gradient_checkpointing=True); "
+        f"estimate.estimate(r, gpus.find_gpu({gpu_name!r}, 'gpu'), advise=False); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    return {"seconds": wall, "rss": int(done.stdout.split()[-1]) * 1024}  # ru_maxrss: kilobytes on Linux
+
+
 def error(estimated: int, measured: int) -> float:
     return (estimated - measured) / measured
 
@@ -731,12 +749,21 @@ def main() -> None:
             guesses = estimates(selected, gpu, Path(configs))
             out = args.out
         text, numbers = report(real, guesses, selected, gpu)
+    if not args.smoke:
+        cost = speed(gpu)
+        numbers["speed"] = cost
+        text += (
+            "\n## Speed\n\nOne estimate of an 8B QLoRA step (batch 1 x seq 2048, checkpointing, no levers), in a "
+            f"child process of this run: {cost['seconds']:.1f} s wall (imports included), peak RSS "
+            f"{cost['rss'] / GiB:.2f} GiB, on the machine in the header.\n"
+        )
     print(text)
     title = "Estimate backend: accuracy in and out of sample"
     if out is not None:
         write(out, header(title) + "\n" + text)
     if args.json is not None and not args.smoke:
-        write(args.json, json.dumps({"header": {"command": command(), "commit": commit()}, **numbers}, indent=1))
+        head = {"command": command(), "commit": commit(), "software": software(), "machine": machine()}
+        write(args.json, json.dumps({"header": head, **numbers}, indent=1))
     if args.smoke:
         assert out is not None
         if not out.read_text(encoding="utf-8").startswith(f"# {title}"):
