@@ -398,3 +398,19 @@ def test_a_test_the_estimate_cannot_see_is_said_and_recorded_nowhere(
     assert set(stored) == {"test_unseen.py::test_no_tensors", "test_unseen.py::test_on_the_fake_gpu"}
     reported = {t["nodeid"] for t in json.loads((pytester.path / "out.json").read_text())["tests"]}
     assert "test_unseen.py::test_loads_on_the_cpu" not in reported
+
+
+def test_a_kv_cache_left_on_holds_a_copy_of_every_layers_keys_and_values() -> None:
+    """from_pretrained leaves Llama's use_cache on: without checkpointing the forward pass copies each layer's
+    keys and values into a DynamicCache, which the plain loop's outputs hold through backward (on the H200 the
+    copies were 1 GiB of a Mistral 7B step's peak). With checkpointing transformers turns the cache off."""
+    config = models.preset("llama", "tiny").config
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    copies = 2 * config["num_hidden_layers"] * TINY.batch * TINY.seq * config["num_key_value_heads"] * head_dim * 4
+
+    def peak(**changes: Any) -> int:
+        return estimate.run_step(dataclasses.replace(TINY, **changes), H100, attribute=False).peak
+
+    assert peak(use_cache=True) - peak(use_cache=False) == copies
+    assert peak() == peak(use_cache=True)  # the preset's config keeps it on, as the published configs do
+    assert peak(use_cache=True, gradient_checkpointing=True) == peak(use_cache=False, gradient_checkpointing=True)
