@@ -305,8 +305,9 @@ def test_the_plain_loop_keeps_one_float32_logits_tensor_more_as_the_cpu_measures
     the cpu backend measures between the two loops for real."""
     logits = TINY.batch * TINY.seq * models.preset("llama", "tiny").config["vocab_size"] * 4
     real = _real_peak(tiny_checkpoint, "plain", None) - _real_peak(tiny_checkpoint, "trainer", None)
-    plain = estimate.run_step(TINY, H100, attribute=False).peak
-    trainer = estimate.run_step(dataclasses.replace(TINY, loop="trainer"), H100, attribute=False).peak
+    recipe = dataclasses.replace(TINY, use_cache=False)  # as models.load leaves the CPU's model
+    plain = estimate.run_step(recipe, H100, attribute=False).peak
+    trainer = estimate.run_step(dataclasses.replace(recipe, loop="trainer"), H100, attribute=False).peak
     assert real == plain - trainer == logits
 
 
@@ -392,7 +393,7 @@ def test_a_test_the_estimate_cannot_see_is_said_and_recorded_nowhere(
     result = pytester.runpytest(*args, "--gpumem-update-baselines")
     result.assert_outcomes(passed=3)
     text = "\n".join(result.outlines)
-    assert "gpumem: the estimate backend could not see test_unseen.py::test_loads_on_the_cpu: it made its " in text
+    assert "gpumem: the estimate backend could not see test_unseen.py::test_loads_on_the_cpu: it made most of " in text
     assert "on the fake GPU (the meta device)" in text and "could not see test_unseen.py::test_no_t" not in text
     stored = json.loads((pytester.path / "baselines" / "estimate-H100.json").read_text())["tests"]
     assert set(stored) == {"test_unseen.py::test_no_tensors", "test_unseen.py::test_on_the_fake_gpu"}
