@@ -575,6 +575,8 @@ def score(
     real: dict[str, Any], guesses: dict[str, dict[str, Any]], selected: list[Case], fragmentation: float
 ) -> dict[str, Any]:
     """Rows of the comparison and each set's summary (largest error, counts within 3% and 5%)."""
+    from pytest_gpumem.gpus import whole_segments
+
     rows = []
     for case in selected:
         measured = real["cases"].get(case.name)
@@ -582,7 +584,7 @@ def score(
         if measured is None or guess is None:
             continue
         row: dict[str, Any] = {"case": case.name, "sample": case.sample, "status": measured.get("status")}
-        reserved = guess["segments"] + int(guess["peak"] * fragmentation)
+        reserved = max(guess["segments"] + int(guess["peak"] * fragmentation), whole_segments(guess["peak"]))
         row.update(estimated=guess["peak"], reserved_estimated=reserved)
         row["resident_estimated"] = guess["resident"]
         if measured.get("status") == "ok":
