@@ -58,7 +58,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the plugin, installed or not
 
-from results_file import command, commit, header, machine, software, write
+from results_file import check_written, fields, publish, smoke_out, write
 
 GiB = 2**30
 
@@ -423,7 +423,7 @@ def measure(selected: list[Case], model_dir: Path, json_path: Path, history: boo
     _warm_up_bitsandbytes(DEVICE)
     free, total = torch.cuda.mem_get_info()
     raw: dict[str, Any] = {
-        "header": {"command": command(), "commit": commit(), "software": software(), "machine": machine()},
+        "header": fields(),
         "device": torch.cuda.get_device_name(0),
         "capability": list(torch.cuda.get_device_capability(0)),
         "memory": total,
@@ -734,7 +734,7 @@ def main() -> None:
                     for c in selected
                 },
             }
-            out = Path(tempfile.mkdtemp(prefix="gpumem-smoke-")) / "estimate-accuracy.md"
+            out = smoke_out("estimate-accuracy.md")
         else:
             if args.real is None:
                 raise SystemExit("estimate_accuracy.py: give --real (a --measure run's JSON) or --measure or --smoke")
@@ -759,18 +759,13 @@ def main() -> None:
             f"child process of this run: {cost['seconds']:.1f} s wall (imports included), peak RSS "
             f"{cost['rss'] / GiB:.2f} GiB, on the machine in the header.\n"
         )
-    print(text)
     title = "Estimate backend: accuracy in and out of sample"
-    if out is not None:
-        write(out, header(title) + "\n" + text)
+    publish(text, out, title)
     if args.json is not None and not args.smoke:
-        head = {"command": command(), "commit": commit(), "software": software(), "machine": machine()}
-        write(args.json, json.dumps({"header": head, **numbers}, indent=1))
+        write(args.json, json.dumps({"header": fields(), **numbers}, indent=1))
     if args.smoke:
         assert out is not None
-        if not out.read_text(encoding="utf-8").startswith(f"# {title}"):
-            raise SystemExit(f"{out}: the results file lacks its header")
-        print(f"smoke: wrote {out}", file=sys.stderr)
+        check_written(out, title)
 
 
 if __name__ == "__main__":
