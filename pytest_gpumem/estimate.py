@@ -307,12 +307,20 @@ def fake_model(config: Any, quant: str, double_quant: bool = True, compute_dtype
     import torch
     from transformers import AutoModelForCausalLM
 
+    from .meters.estimate import active_tracker, untracked
+
     dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(quant, compute_dtype)
-    with torch.device("meta"), warnings.catch_warnings():
+    # from_pretrained never holds the whole model in 16 bits: it loads and quantizes one weight at a time. So
+    # the skeleton is built where the estimate does not count it; quantize() counts each weight's 16-bit
+    # transient and what it keeps, and what stays unquantized is counted once quantization is done.
+    tracker = active_tracker()
+    with torch.device("meta"), warnings.catch_warnings(), untracked():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     if quant in ("nf4", "fp4", "int8"):
         quantize(model, quant, double_quant, compute_dtype)
+    if tracker is not None:
+        tracker.adopt([*model.parameters(), *model.buffers()])
     model.config.use_cache = False
     return model
 

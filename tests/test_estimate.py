@@ -415,3 +415,23 @@ def test_a_kv_cache_left_on_holds_a_copy_of_every_layers_keys_and_values() -> No
     assert peak(use_cache=True) - peak(use_cache=False) == copies
     assert peak() == peak(use_cache=True)  # the preset's config keeps it on, as the published configs do
     assert peak(use_cache=True, gradient_checkpointing=True) == peak(use_cache=False, gradient_checkpointing=True)
+
+
+def test_loading_holds_one_16_bit_weight_at_a_time_not_the_whole_model() -> None:
+    """from_pretrained quantizes as it loads, so a 4-bit model never exists in 16 bits: the estimate's load
+    peaks at what it keeps plus one weight's 16-bit transient, not at the 16-bit model (2.5 GB for 1B)."""
+    from pytest_gpumem.meters.estimate import DEVICE, EstimateMeter
+
+    meter = EstimateMeter(H100)
+    measurement = Measurement(meter)
+    measurement.enter("setup")
+    with estimate._quiet():
+        model = estimate.fake_model(estimate.model_config(estimate.Recipe(size="1b")), "nf4")
+    assert meter._tracker is not None
+    kept = meter._tracker.current[DEVICE]
+    measurement.exit("setup")
+    peak = measurement.finish().value("allocated", "setup") or 0
+    config = models.preset("llama", "1b").config
+    largest_weight = config["intermediate_size"] * config["hidden_size"] * 2  # one MLP weight in bfloat16
+    assert kept <= peak <= kept + largest_weight + 2**20
+    assert sum(p.numel() for p in model.parameters()) > 0

@@ -138,6 +138,25 @@ SCRATCH = {
 """Operator name -> the bytes its CUDA kernel allocates inside itself, alive while it runs."""
 
 
+def active_tracker() -> EstimateTracker | None:
+    """The estimate's tracker counting now (innermost), if any."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    for mode in reversed(_get_current_dispatch_mode_stack()):
+        if isinstance(mode, EstimateTracker):
+            return mode
+    return None
+
+
+@contextlib.contextmanager
+def untracked() -> Iterator[None]:
+    """Run the enclosed code with no dispatch mode active: nothing it makes is counted."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        yield
+
+
 class EstimateTracker(StorageTracker):
     """A :class:`StorageTracker` of meta storages counted as one CUDA device, with that device's scratch.
 
@@ -176,6 +195,13 @@ class EstimateTracker(StorageTracker):
         entry = self._blocks.pop(key, None)
         if entry is not None:
             self.allocator.free(entry[0])
+
+    def adopt(self, tensors: list[Any]) -> None:
+        """Count the storages of ``tensors`` that were made while nothing counted (see :func:`untracked`),
+        as if made now; those already counted are left as they are."""
+        for tensor in tensors:
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "meta":
+                self._count(tensor)
 
     def lay_out(self, first: tuple[int, ...] = ()) -> None:
         """Place what is alive now in a fresh allocator, after blocks of ``first`` bytes that no storage
