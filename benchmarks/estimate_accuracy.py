@@ -45,6 +45,7 @@ import argparse
 import contextlib
 import gc
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -545,12 +546,14 @@ def speed(gpu_name: str) -> dict[str, Any]:
         "import resource; from pytest_gpumem import estimate, gpus; "
         "r = estimate.Recipe(size='8b', batch=1, seq=2048, gradient_checkpointing=True); "
         f"estimate.estimate(r, gpus.find_gpu({gpu_name!r}, 'gpu'), advise=False); "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "u = resource.getrusage(resource.RUSAGE_SELF); print(u.ru_maxrss, u.ru_utime + u.ru_stime)"
     )
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     wall = time.perf_counter() - started
-    return {"seconds": wall, "rss": int(done.stdout.split()[-1]) * 1024}  # ru_maxrss: kilobytes on Linux
+    rss, cpu = done.stdout.split()[-2:]
+    # ru_maxrss is in kilobytes on Linux; the CPU time shows the cost where other work shares the machine.
+    return {"seconds": wall, "cpu_seconds": float(cpu), "rss": int(rss) * 1024, "load": os.getloadavg()[0]}
 
 
 def error(estimated: int, measured: int) -> float:
@@ -756,8 +759,9 @@ def main() -> None:
         numbers["speed"] = cost
         text += (
             "\n## Speed\n\nOne estimate of an 8B QLoRA step (batch 1 x seq 2048, checkpointing, no levers), in a "
-            f"child process of this run: {cost['seconds']:.1f} s wall (imports included), peak RSS "
-            f"{cost['rss'] / GiB:.2f} GiB, on the machine in the header.\n"
+            f"child process of this run: {cost['seconds']:.1f} s wall, {cost['cpu_seconds']:.1f} s of CPU time "
+            f"(imports included), peak RSS {cost['rss'] / GiB:.2f} GiB, on the machine in the header (load "
+            f"average {cost['load']:.1f} when it ran).\n"
         )
     title = "Estimate backend: accuracy in and out of sample"
     publish(text, out, title)
