@@ -59,7 +59,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the plugin, installed or not
 
-from results_file import check_written, fields, publish, smoke_out, write
+from results_file import check_written, fields, header, smoke_out, write
 
 GiB = 2**30
 
@@ -709,6 +709,9 @@ def main() -> None:
     parser.add_argument("--no-history", action="store_true", help="--measure without the allocator's history")
     parser.add_argument("--budget", type=float, default=480.0, help="--measure: seconds before cases are skipped")
     args = parser.parse_args()
+    title = "Estimate backend: accuracy in and out of sample"
+    # The header's facts before anything is written: the commit is then clean of this run's own files.
+    opening, facts = header(title), fields()
 
     selected = smoke_cases() if args.smoke else cases()
     if args.only:
@@ -763,10 +766,11 @@ def main() -> None:
             f"(imports included), peak RSS {cost['rss'] / GiB:.2f} GiB, on the machine in the header (load "
             f"average {cost['load']:.1f} when it ran).\n"
         )
-    title = "Estimate backend: accuracy in and out of sample"
-    publish(text, out, title)
+    print(text)
+    if out is not None:
+        write(out, opening + "\n" + text)
     if args.json is not None and not args.smoke:
-        write(args.json, json.dumps({"header": fields(), **numbers}, indent=1))
+        write(args.json, json.dumps({"header": facts, **numbers}, indent=1))
     if args.smoke:
         assert out is not None
         check_written(out, title)
