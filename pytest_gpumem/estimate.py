@@ -1,19 +1,26 @@
 """Predict a QLoRA training step's GPU memory without a GPU: the recipe behind ``gpumem estimate``.
 
-The usual QLoRA recipe runs for real, on fake tensors (the ``estimate``
+The standard QLoRA recipe runs for real, on fake tensors (the ``estimate``
 backend's meta device standing in for one CUDA GPU, see
-:mod:`pytest_gpumem.meters.estimate`): the model built from its config,
-its decoder's linear layers replaced by bitsandbytes 4-bit (or 8-bit) layers
-and quantized as ``from_pretrained`` quantizes them, then
-``prepare_model_for_kbit_training``, peft LoRA (alpha = 2r), AdamW on the
-trainable parameters, train mode, a warm-up step and the step that is
-measured. No weight is materialised: an 8B model costs its config.
+:mod:`pytest_gpumem.meters.estimate`), doing what the user's stack does: the
+model built from its config (any architecture transformers builds from a
+``config.json``), its decoder's linear layers quantized as ``from_pretrained``
+quantizes them, one weight at a time; ``prepare_model_for_kbit_training`` with
+the recipe's checkpointing variant (reentrant, peft's default, or not); peft
+LoRA (alpha = 2r); the config's ``use_cache`` (a KV cache of copies in
+training without checkpointing); AdamW; and the training loop as users write
+it (the outputs, and their float32 logits, alive through backward) or as
+transformers' Trainer runs it. A warm-up step, then the step that is measured.
+No weight is materialised: an 8B model costs its config. What the recipe
+assumed is said with the estimate (:meth:`Recipe.assumptions`).
 
-The step's peak is the tracker's (storages in the allocator's blocks) plus
-the cuBLAS workspaces; reserved and device bytes come from the allocator and
-context model of :mod:`pytest_gpumem.gpus`. Where the fake run fails (an
+Every storage goes through a model of the CUDA caching allocator
+(:mod:`pytest_gpumem.allocator`): the step's allocated peak is what it charges
+(plus the cuBLAS workspaces), reserved is its segments (modelled), and device
+adds the context of :mod:`pytest_gpumem.gpus`. Where the fake run fails (an
 operator without a meta implementation, a model class that needs real data),
-the estimate falls back to the advisor's analytic layer model and says so.
+the estimate falls back to the advisor's analytic layer model, says so, labels
+every lever a formula, and ``gpumem estimate`` exits 4.
 """
 
 from __future__ import annotations
