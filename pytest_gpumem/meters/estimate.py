@@ -3,8 +3,12 @@
 The test's tensors live on PyTorch's ``meta`` device, which stands in for one
 CUDA device (``cuda:0``): every operator computes only its outputs' shapes and
 dtypes, nothing is allocated, and the :class:`~.tracker.StorageTracker`
-counts the storages a real GPU would hold, rounded to the caching allocator's
-512-byte blocks, with the same records the attribution reads.
+counts the storages a real GPU would hold, each charged what a model of
+PyTorch's CUDA caching allocator charges for it (:mod:`pytest_gpumem.allocator`,
+whose segments are the reserved bytes), with the same records the attribution
+reads. A test that makes most of its tensors on real devices instead (a model
+loaded with ``device_map="cpu"``) cannot be seen: the meter says so
+(:meth:`EstimateMeter.blind_spot`) rather than predict next to nothing.
 
 Why meta, not ``FakeTensorMode`` with a fake CUDA device: on a CPU-only build
 of PyTorch, autograd aborts the process (not an exception) when a tensor that
