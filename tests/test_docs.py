@@ -80,6 +80,7 @@ def test_every_documented_environment_variable_is_read_somewhere(registered):
     read by the package or the setup script."""
     sources = "\n".join(p.read_text() for p in (ROOT / "pytest_gpumem").rglob("*.py"))
     sources += (ROOT / "scripts" / "setup.sh").read_text()
+    sources += "\n".join(p.read_text() for p in (ROOT / "benchmarks").glob("*.*") if p.suffix in (".py", ".sh"))
     stale = {
         name: sorted(pages)
         for name, pages in named(ENV).items()
