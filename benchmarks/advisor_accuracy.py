@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from results_file import check_written, publish, smoke_out
+from results_file import apply_smoke, check_written, publish
 
 TITLE = "Advisor accuracy: each lever's estimated saving against the saving measured by re-running the step"
 GPU_DEFAULTS = {"batch": 4, "seq": 1024}
@@ -165,12 +165,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the results file here")
     parser.add_argument("--smoke", action="store_true", help="CI: tiny model, CPU, one step, a temporary --out")
     args = parser.parse_args()
-    if args.smoke:
-        if args.out is not None:
-            parser.error("--smoke writes to a temporary file; leave out --out")
-        for name, value in SMOKE.items():
-            setattr(args, name, value)
-        args.out = smoke_out("advisor-accuracy.md")
+    apply_smoke(parser, args, SMOKE, "advisor-accuracy.md")
     settings = [part.strip() for part in args.checkpointing.split(",")]
     if not settings or any(part not in ("off", "on") for part in settings):
         parser.error(f"--checkpointing {args.checkpointing!r}: give off, on, or off,on")

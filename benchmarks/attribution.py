@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from results_file import check_written, publish, smoke_out
+from results_file import apply_smoke, check_written, publish
 
 TITLE = "What the attribution costs, and how well its consumers add up to the allocator's peak"
 SMOKE = {"sizes": "tiny", "batch": 2, "seq": 32, "steps": 1, "rounds": 1, "backend": "cpu"}
@@ -37,12 +37,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the results file here")
     parser.add_argument("--smoke", action="store_true", help="CI: tiny model, CPU, one step, a temporary --out")
     args = parser.parse_args()
-    if args.smoke:
-        if args.out is not None:
-            parser.error("--smoke writes to a temporary file; leave out --out")
-        for name, value in SMOKE.items():
-            setattr(args, name, value)
-        args.out = smoke_out("attribution.md")
+    apply_smoke(parser, args, SMOKE, "attribution.md")
 
     import torch
 

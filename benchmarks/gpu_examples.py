@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest_subprocess
-from results_file import check_written, publish, smoke_out
+from results_file import apply_smoke, check_written, publish
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = ROOT / "examples" / "test_finetune_memory.py"
@@ -103,12 +103,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the results file here")
     parser.add_argument("--smoke", action="store_true", help="CI: cpu backend, two tiny tests, a temporary --out")
     options = parser.parse_args()
-    if options.smoke:
-        if options.out is not None:
-            parser.error("--smoke writes to a temporary file; leave out --out")
-        for name, value in SMOKE.items():
-            setattr(options, name, value)
-        options.out = smoke_out("gpu-examples.md")
+    apply_smoke(parser, options, SMOKE, "gpu-examples.md")
     if options.backend == "cuda":
         import torch
 

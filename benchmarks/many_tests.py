@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest_subprocess
-from results_file import check_written, publish, smoke_out
+from results_file import apply_smoke, check_written, publish
 
 TITLE = "Many trivial tests: the cost of a test as the suite grows"
 SMOKE = {"tests": 200, "repeat": 1, "window": 40}
@@ -178,12 +178,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the results file here")
     parser.add_argument("--smoke", action="store_true", help="CI: 200 tests, one round, a temporary --out")
     options = parser.parse_args()
-    if options.smoke:
-        if options.out is not None:
-            parser.error("--smoke writes to a temporary file; leave out --out")
-        for name, value in SMOKE.items():
-            setattr(options, name, value)
-        options.out = smoke_out("many-tests.md")
+    apply_smoke(parser, options, SMOKE, "many-tests.md")
     tests, window = options.tests, options.window
     if window < 1 or tests < 2 * window:
         parser.error(f"--tests {tests} needs at least twice --window {window}")

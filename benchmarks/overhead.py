@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import pytest_subprocess
-from results_file import check_written, publish, smoke_out
+from results_file import apply_smoke, check_written, publish
 
 ROOT = Path(__file__).resolve().parent.parent
 TITLE = "Overhead of measuring: the same suites with the plugin and without it"
@@ -144,12 +144,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the results file here")
     parser.add_argument("--smoke", action="store_true", help="CI: 10 small tests on the cpu, one round")
     options = parser.parse_args()
-    if options.smoke:
-        if options.out is not None:
-            parser.error("--smoke writes to a temporary file; leave out --out")
-        for name, value in SMOKE.items():
-            setattr(options, name, value)
-        options.out = smoke_out("overhead.md")
+    apply_smoke(parser, options, SMOKE, "overhead.md")
     columns = [
         "suite",
         "tests",

@@ -8,6 +8,7 @@ cannot be traced to a run, so no script writes one, and nobody edits one by hand
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import os
 import platform
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 SOFTWARE = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "pytest")
 COMMIT_ENV = "GPUMEM_BENCH_COMMIT"
@@ -106,6 +108,18 @@ def publish(body: str, out: Path | None, title: str) -> None:
     sys.stdout.flush()
     if out is not None:
         write(out, header(title) + "\n" + body)
+
+
+def apply_smoke(parser: argparse.ArgumentParser, options: argparse.Namespace, smoke: dict[str, Any], name: str) -> None:
+    """With ``--smoke``: the script's smoke settings, and its results file ``name`` in a temporary directory
+    (an ``--out`` given as well is an error: a smoke run never writes into ``benchmarks/results``)."""
+    if not options.smoke:
+        return
+    if options.out is not None:
+        parser.error("--smoke writes to a temporary file; leave out --out")
+    for key, value in smoke.items():
+        setattr(options, key, value)
+    options.out = smoke_out(name)
 
 
 def smoke_out(name: str) -> Path:
