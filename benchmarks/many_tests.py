@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest_subprocess
-from results_file import apply_smoke, check_written, publish
+from results_file import aligned_table, apply_smoke, check_written, publish
 
 TITLE = "Many trivial tests: the cost of a test as the suite grows"
 SMOKE = {"tests": 200, "repeat": 1, "window": 40}
@@ -107,16 +107,6 @@ def run(side: str, suite: Path, tests: int, backend: str) -> Run:
     return Run(side, {"wall": wall, "cpu": cpu}, per_test)
 
 
-def table(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = []
-    for i, cells in enumerate(rows):
-        lines.append("| " + " | ".join(cell.ljust(w) for cell, w in zip(cells, widths, strict=True)) + " |")
-        if i == 0:
-            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return lines
-
-
 def report(runs: list[Run], tests: int, window: int, options: argparse.Namespace) -> str:
     first, last = slice(0, window), slice(tests - window, tests)
     head = ["round", "side", "total (s)", "total CPU (s)"]
@@ -153,11 +143,11 @@ def report(runs: list[Run], tests: int, window: int, options: argparse.Namespace
         f"{options.repeat} round(s), each running both sides once in a fresh process, the side that goes "
         "first alternating from round to round.",
         "",
-        *table(rows),
+        *aligned_table(rows),
         "",
         "The fastest run of each side (by wall time):",
         "",
-        *table(summary),
+        *aligned_table(summary),
         "",
         "A test's time is the gap between the ends of two consecutive tests' reports: what pytest and the "
         "plugin do for it (setup, call, teardown, the garbage collections around it, the verdict, the report). "

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import pytest_subprocess
-from results_file import apply_smoke, check_written, publish
+from results_file import aligned_table, apply_smoke, check_written, publish
 
 ROOT = Path(__file__).resolve().parent.parent
 TITLE = "Overhead of measuring: the same suites with the plugin and without it"
@@ -122,16 +122,6 @@ def row(name: str, tests: int, runs: dict[str, list[dict[str, float]]], clock: s
     ]
 
 
-def table(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for i, cells in enumerate(rows):
-        lines.append("| " + " | ".join(cell.ljust(w) for cell, w in zip(cells, widths, strict=True)) + " |")
-        if i == 0:
-            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return lines
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", default="cpu", choices=["cpu", "cuda"])
@@ -182,7 +172,7 @@ def main() -> None:
     ]
     for clock, what in CLOCKS.items():
         lines += [f"{what}:", ""]
-        lines += table([columns] + [row(name, tests, runs, clock) for name, (tests, runs) in suites.items()])
+        lines += aligned_table([columns] + [row(name, tests, runs, clock) for name, (tests, runs) in suites.items()])
         lines.append("")
     lines += [
         "`examples` is the bundled example suite (`python -m pytest examples`: tiny model loads, LoRA and two "

@@ -100,6 +100,17 @@ def write(path: Path, text: str) -> None:
     write_atomic(path, text if text.endswith("\n") else text + "\n")
 
 
+def aligned_table(rows: list[list[str]]) -> list[str]:
+    """A Markdown table whose columns line up in plain text too; the first row is the heading."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for i, cells in enumerate(rows):
+        lines.append("| " + " | ".join(cell.ljust(w) for cell, w in zip(cells, widths, strict=True)) + " |")
+        if i == 0:
+            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return lines
+
+
 def publish(body: str, out: Path | None, title: str) -> None:
     """Print ``body`` and, with ``out``, write it there whole under the header: the file holds what the
     script printed and nothing else."""
