@@ -397,9 +397,12 @@ def measure_case(model: Any, case: Case, history: bool) -> dict[str, Any]:
 
 def plain_loop(model: Any, batch: int, seq: int, steps: int, phase: Any) -> None:
     """The training loop of the tutorials, written as a user writes it: the outputs (and so the logits)
-    stay referenced through backward, and until the next step's forward pass has returned."""
+    stay referenced through backward, and until the next step's forward pass has returned. ``from_pretrained``
+    returns the model in eval mode, where checkpointing recomputes nothing; the tutorials' loop calls
+    ``model.train()`` first."""
     import torch
 
+    model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     generator = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
