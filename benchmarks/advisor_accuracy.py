@@ -63,17 +63,18 @@ def run_configuration(path: Path, backend: str, knobs: dict[str, Any], r: int, a
     through the ``gpumem`` fixture's API; returns the sample and the (finished) measurement."""
     import torch
 
-    from pytest_gpumem import meters, models, training
+    from pytest_gpumem.config.backend import create
     from pytest_gpumem.fixtures import GpuMem
-    from pytest_gpumem.measurement import Measurement
+    from pytest_gpumem.measure.measurement import Measurement
+    from pytest_gpumem.models import loading, training
 
     device_map = {"": torch.cuda.current_device()} if backend == "cuda" else None
-    measurement = Measurement(meters.create(backend, attribute=attribute))
+    measurement = Measurement(create(backend, attribute=attribute))
     gpumem = GpuMem(measurement)  # what a test's ``gpumem`` fixture is
     measurement.enter("call")
     with measurement.stage("load"):
-        model = models.load(path, "nf4", True, "bfloat16", device_map)
-    model = models.add_lora(model, r=r, gradient_checkpointing=knobs["gradient_checkpointing"])
+        model = loading.load(path, "nf4", True, "bfloat16", device_map)
+    model = loading.add_lora(model, r=r, gradient_checkpointing=knobs["gradient_checkpointing"])
     gpumem.register(model=model, step=functools.partial(training.train_steps, model), **knobs)
     training.train_steps(model, **knobs, phase=measurement.phase)
     measurement.exit("call")
@@ -90,8 +91,10 @@ def accuracy(path: Path, backend: str, args: argparse.Namespace, checkpointing: 
     """One configuration's lines: what it is, its peak, the table of levers and their bases."""
     import torch
 
-    from pytest_gpumem import advisor, introspect, meters, whatif
-    from pytest_gpumem.units import format_bytes
+    from pytest_gpumem.advise import advisor, findings, whatif
+    from pytest_gpumem.config.backend import create
+    from pytest_gpumem.core.units import format_bytes
+    from pytest_gpumem.measure import introspect
 
     knobs = knobs_of(args, checkpointing)
     configuration = (
@@ -106,8 +109,8 @@ def accuracy(path: Path, backend: str, args: argparse.Namespace, checkpointing: 
         registration.models, registration.optimizers, registration.knobs, measurement.probe
     )
     peak = sample.value("allocated") or 0
-    measure = whatif.make_measure(registration, lambda: meters.create(backend, attribute=False))
-    advice = advisor.advise(attribution, setup, introspect.findings(setup), None, registration.knobs, measure)
+    measure = whatif.make_measure(registration, lambda: create(backend, attribute=False))
+    advice = advisor.advise(attribution, setup, findings.findings(setup), None, registration.knobs, measure)
     rows = [
         (lever.key, lever.action, lever.estimated, lever.saving if lever.source == "measured" else None, lever.basis)
         for lever in advice.levers
@@ -170,14 +173,15 @@ def main() -> None:
     if not settings or any(part not in ("off", "on") for part in settings):
         parser.error(f"--checkpointing {args.checkpointing!r}: give off, on, or off,on")
 
-    from pytest_gpumem import meters, models
+    from pytest_gpumem.config.backend import resolve_backend
+    from pytest_gpumem.models import loading
 
-    backend = meters.resolve_backend(args.backend)
+    backend = resolve_backend(args.backend)
     defaults = GPU_DEFAULTS if backend == "cuda" else CPU_DEFAULTS
     args.batch = args.batch or defaults["batch"]
     args.seq = args.seq or defaults["seq"]
     args.model_dir.mkdir(parents=True, exist_ok=True)
-    path = models.ensure_checkpoint(args.model_dir, args.arch, args.size)
+    path = loading.ensure_checkpoint(args.model_dir, args.arch, args.size)
     lines = [
         "Every configuration runs for real inside a measurement; each lever that is a knob of the step is "
         "measured by running the step again with that knob turned, the rank lever by running the configuration "

@@ -41,23 +41,24 @@ def main() -> None:
 
     import torch
 
-    from pytest_gpumem import meters, models, training
-    from pytest_gpumem.measurement import Measurement
+    from pytest_gpumem.config.backend import create, resolve_backend
+    from pytest_gpumem.measure.measurement import Measurement
+    from pytest_gpumem.models import loading, training
 
-    backend = meters.resolve_backend(args.backend)
+    backend = resolve_backend(args.backend)
     device_map = {"": 0} if backend == "cuda" else None
     rows = []
     for size in args.sizes.split(","):
-        path = models.ensure_checkpoint(args.model_dir, "llama", size)
+        path = loading.ensure_checkpoint(args.model_dir, "llama", size)
         for checkpointing in (False, True):
-            model = models.add_lora(
-                models.load(path, "nf4", True, "bfloat16", device_map), r=16, gradient_checkpointing=checkpointing
+            model = loading.add_lora(
+                loading.load(path, "nf4", True, "bfloat16", device_map), r=16, gradient_checkpointing=checkpointing
             )
             times: dict[bool, list[float]] = {False: [], True: []}
             peaks: dict[bool, int] = {}
             attribution = None
             for attribute in (False, True) * args.rounds:
-                measurement = Measurement(meters.create(backend, attribute=attribute))
+                measurement = Measurement(create(backend, attribute=attribute))
                 measurement.enter("call")
                 if backend == "cuda":
                     torch.cuda.synchronize()

@@ -153,7 +153,7 @@ LOOPS = ("plain", "trainer")
 """How the training loop holds the model's outputs: ``plain`` is the loop of the tutorials
 (``outputs = model(...); outputs.loss.backward()``: the logits stay referenced through backward, and into the
 next step's forward pass); ``trainer`` drops them before backward, as transformers' ``Trainer`` does (and
-``pytest_gpumem.training.train_steps``, the recipe the estimate was first built on)."""
+``pytest_gpumem.models.training.train_steps``, the recipe the estimate was first built on)."""
 
 
 @dataclass(frozen=True)
@@ -356,7 +356,7 @@ def measure_case(model: Any, case: Case, history: bool) -> dict[str, Any]:
     """Two steps of ``case`` on ``model``; the second one's peaks (and, with ``history``, what made it)."""
     import torch
 
-    from pytest_gpumem import training
+    from pytest_gpumem.models import training
 
     row: dict[str, Any] = {}
 
@@ -420,7 +420,7 @@ def measure(selected: list[Case], model_dir: Path, json_path: Path, history: boo
     """Run ``selected`` on the GPU, writing the raw figures to ``json_path`` after every case."""
     import torch
 
-    from pytest_gpumem.meters.cuda import _warm_up, _warm_up_bitsandbytes
+    from pytest_gpumem.measure.meters.cuda import _warm_up, _warm_up_bitsandbytes
 
     started = time.perf_counter()
     _warm_up(DEVICE)
@@ -504,9 +504,9 @@ def _error(exc: BaseException) -> str:
 
 def recipe_of(case: Case, config_root: Path) -> Any:
     """The estimate's recipe for ``case``: the shape's config file, nf4, LoRA r16 all-linear, AdamW."""
-    from pytest_gpumem import estimate
+    from pytest_gpumem.estimate import engine
 
-    return estimate.Recipe(
+    return engine.Recipe(
         config=write_config(case.shape, config_root),
         batch=case.batch,
         seq=case.seq,
@@ -521,7 +521,8 @@ def estimates(selected: list[Case], gpu_name: str, config_root: Path) -> dict[st
     """Every case estimated on fake tensors for ``gpu_name``: the allocated peak (workspaces included), the
     allocator model's segments at the peak (before any fitted share), what was allocated when the step
     began (workspaces included, as the measurement counts it)."""
-    from pytest_gpumem import estimate, gpus
+    from pytest_gpumem.core import gpus
+    from pytest_gpumem.estimate import engine
 
     gpu = gpus.find_gpu(gpu_name, "--gpu")
     rows: dict[str, dict[str, Any]] = {}
@@ -529,7 +530,7 @@ def estimates(selected: list[Case], gpu_name: str, config_root: Path) -> dict[st
     try:
         for case in selected:
             started = time.perf_counter()
-            step = estimate.run_step(recipe_of(case, config_root), gpu, attribute=False)
+            step = engine.run_step(recipe_of(case, config_root), gpu, attribute=False)
             rows[case.name] = {
                 "peak": step.peak,
                 "segments": step.reserved,
@@ -547,8 +548,8 @@ def speed(gpu_name: str) -> dict[str, Any]:
     in a child process on this machine; its wall seconds (imports included) and its own peak RSS."""
     code = (
         "import resource; from pytest_gpumem import estimate, gpus; "
-        "r = estimate.Recipe(size='8b', batch=1, seq=2048, gradient_checkpointing=True); "
-        f"estimate.estimate(r, gpus.find_gpu({gpu_name!r}, 'gpu'), advise=False); "
+        "r = engine.Recipe(size='8b', batch=1, seq=2048, gradient_checkpointing=True); "
+        f"engine.estimate(r, gpus.find_gpu({gpu_name!r}, 'gpu'), advise=False); "
         "u = resource.getrusage(resource.RUSAGE_SELF); print(u.ru_maxrss, u.ru_utime + u.ru_stime)"
     )
     started = time.perf_counter()
@@ -581,7 +582,7 @@ def score(
     real: dict[str, Any], guesses: dict[str, dict[str, Any]], selected: list[Case], fragmentation: float
 ) -> dict[str, Any]:
     """Rows of the comparison and each set's summary (largest error, counts within 3% and 5%)."""
-    from pytest_gpumem.gpus import whole_segments
+    from pytest_gpumem.core.gpus import whole_segments
 
     rows = []
     for case in selected:
@@ -642,7 +643,7 @@ def table(scored: dict[str, Any], sample: str) -> list[str]:
 
 
 def report(real: dict[str, Any], guesses: dict[str, dict[str, Any]], selected: list[Case], gpu: str) -> tuple[str, Any]:
-    from pytest_gpumem import gpus
+    from pytest_gpumem.core import gpus
 
     fit_pairs = [
         (guesses[c.name]["peak"], guesses[c.name]["segments"], real["cases"][c.name]["reserved"])

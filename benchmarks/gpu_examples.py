@@ -109,7 +109,7 @@ def main() -> None:
 
         if not torch.cuda.is_available():
             sys.exit("needs a CUDA GPU (or --backend cpu)")
-    from pytest_gpumem.models import ensure_checkpoint
+    from pytest_gpumem.models.loading import ensure_checkpoint
 
     for size in options.model_sizes.split(","):  # made before either run, so that neither pays for it
         ensure_checkpoint(ROOT / ".pytest_cache" / "d" / "gpumem-models", "llama", size.strip())

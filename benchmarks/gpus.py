@@ -74,7 +74,7 @@ def main() -> None:
         gpus, where = 1, "the CPU (one group: every worker shares it)"
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        from pytest_gpumem.models import ensure_checkpoint
+        from pytest_gpumem.models.loading import ensure_checkpoint
 
         for size in options.model_sizes.split(","):  # where the example suite's model fixture finds them
             ensure_checkpoint(ROOT / ".pytest_cache" / "d" / "gpumem-models", "llama", size.strip())

@@ -94,7 +94,7 @@ def header(title: str) -> str:
 
 def write(path: Path, text: str) -> None:
     """Write ``text`` as the whole of ``path``, atomically: a reader sees the old file or the new one."""
-    from pytest_gpumem.atomic import write_atomic
+    from pytest_gpumem.core.atomic import write_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, text if text.endswith("\n") else text + "\n")

@@ -8,7 +8,7 @@
 - ``gpumem report --history PATH``: per-test trends, the commits where memory
   stepped, and a plot (PNG and HTML).
 - ``gpumem estimate --arch llama --size 8b ... --gpu H100``: one QLoRA training
-  step predicted without a GPU (see :mod:`pytest_gpumem.estimate`); exits 1
+  step predicted without a GPU (see :mod:`pytest_gpumem.estimate.engine`); exits 1
   when it does not fit the GPU, 4 when it fell back to the analytic formula.
 
 Each subcommand is one function registered with :func:`command`, which also
@@ -27,16 +27,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .atomic import write_atomic
-from .export import parse_exports
-from .export import render as render_export
-from .history import STEP_TOLERANCE, SUSTAIN, HistoryError
-from .judge import judge
-from .merge import MergeError, merge
-from .report import json_report, markdown
-from .report.terminal import summary_lines
-from .sample import Baseline, Spec, TestResult
-from .units import BadValue, Tolerance, parse_tolerance
+from pytest_gpumem.ci.export import parse_exports
+from pytest_gpumem.ci.export import render as render_export
+from pytest_gpumem.ci.history import STEP_TOLERANCE, SUSTAIN, HistoryError
+from pytest_gpumem.ci.merge import MergeError, merge
+from pytest_gpumem.core.atomic import write_atomic
+from pytest_gpumem.core.judge import judge
+from pytest_gpumem.core.sample import Baseline, Spec, TestResult
+from pytest_gpumem.core.units import BadValue, Tolerance, parse_tolerance
+from pytest_gpumem.report import json_report, markdown
+from pytest_gpumem.report.terminal import summary_lines
 
 DEFAULT_TOLERANCE = Tolerance(percent=2.0)
 """What the plugin allows when neither a marker nor ``--gpumem-tolerance`` says otherwise."""
@@ -281,7 +281,7 @@ def merge_command(args: argparse.Namespace) -> int:
         _write(export.path, render_export(export.format, results))
         print(f"wrote {export.path} ({export.format})")
     if args.history:
-        from . import history
+        from pytest_gpumem.ci import history
 
         added = history.append(args.history, results, environment.get("software") or {})
         print(f"history: {args.history}: {added} rows added")
@@ -314,8 +314,8 @@ def merge_command(args: argparse.Namespace) -> int:
     arg("--no-plot", action="store_true", help="print the trends and steps only"),
 )
 def report(args: argparse.Namespace) -> int:
-    from . import history
-    from .report import history as history_report
+    from pytest_gpumem.ci import history
+    from pytest_gpumem.report import history as history_report
 
     tolerance = _tolerance(args.tolerance, "--tolerance") or STEP_TOLERANCE
     if args.sustain < 1:
@@ -391,10 +391,10 @@ def report(args: argparse.Namespace) -> int:
 def estimate_command(args: argparse.Namespace) -> int:
     import json
 
-    from . import estimate
-    from .gpus import find_gpu
-    from .models import PRESETS
-    from .report.estimate import lines
+    from pytest_gpumem.core.gpus import find_gpu
+    from pytest_gpumem.estimate import engine
+    from pytest_gpumem.models.presets import PRESETS
+    from pytest_gpumem.report.estimate import lines
 
     gpu = find_gpu(args.gpu, "--gpu")
     config = None
@@ -409,7 +409,7 @@ def estimate_command(args: argparse.Namespace) -> int:
     targets = args.lora_targets
     if targets != "all-linear":
         targets = tuple(target.strip() for target in targets.split(","))
-    recipe = estimate.Recipe(
+    recipe = engine.Recipe(
         arch=args.arch if config is None else "",
         size=args.size if config is None else None,
         config=config,
@@ -428,8 +428,8 @@ def estimate_command(args: argparse.Namespace) -> int:
     )
     if isinstance(targets, tuple):
         model = args.arch if config is not None else f"{args.arch} {args.size}"
-        check_lora_targets(targets, estimate.model_config(recipe), model, "--lora-targets")
-    result = estimate.estimate(recipe, gpu, advise=not args.no_levers)
+        check_lora_targets(targets, engine.model_config(recipe), model, "--lora-targets")
+    result = engine.estimate(recipe, gpu, advise=not args.no_levers)
     if args.json:
         print(json.dumps(result.to_dict(), sort_keys=True, indent=2))
     else:

@@ -14,12 +14,13 @@ from typing import Any
 
 import pytest
 
-from . import models, training
-from .measurement import KNOBS, Measurement
-from .sample import Fit
-
-MEASUREMENT = pytest.StashKey[Measurement]()
-"""The running measurement of an item, in ``item.stash`` from setup until its report."""
+from pytest_gpumem.core.sample import Fit
+from pytest_gpumem.estimate import engine
+from pytest_gpumem.measure import ranks
+from pytest_gpumem.measure.measurement import KNOBS, Measurement
+from pytest_gpumem.models import loading, presets, training
+from pytest_gpumem.oom.fit import fit_in_test
+from pytest_gpumem.stash import MEASURED, settings_of
 
 
 class GpuMem:
@@ -81,11 +82,10 @@ class GpuMem:
         ``--gpumem-device-limit``; without one the device's own memory, and on the
         cpu backend nothing runs out), and is measured as part of it. Values are
         halved from ``start`` until one fits, then bisected. Returns the
-        :class:`~pytest_gpumem.sample.Fit` (``.value``: the largest that fits, None
+        :class:`~pytest_gpumem.core.sample.Fit` (``.value``: the largest that fits, None
         if not even ``floor`` does; ``.peak``: the test's peak at it; ``.tried``),
         which every report shows; assert on it.
         """
-        from . import oom
 
         for name, value in (("start", start), ("floor", floor)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -94,7 +94,7 @@ class GpuMem:
             raise ValueError(f"gpumem.max_fit: floor {floor} is above start {start}")
         if not callable(step):
             raise ValueError(f"gpumem.max_fit: step must be callable with one value, got {step!r}")
-        fit = oom.fit_in_test(self._measurement, step, knob, start, floor)
+        fit = fit_in_test(self._measurement, step, knob, start, floor)
         self._measurement.fits.append(fit)
         return fit
 
@@ -102,7 +102,6 @@ class GpuMem:
         """``torch.multiprocessing.spawn(fn, args, nprocs, **kwargs)`` with every child measured: each runs
         ``fn(rank, *args)`` with ``RANK`` and ``WORLD_SIZE`` set (where unset), and its peaks are reported as
         devices ``rank<R>:cpu`` / ``rank<R>:cuda:<i>`` of the phase open when it exits."""
-        from . import ranks
 
         if not isinstance(nprocs, int) or isinstance(nprocs, bool) or nprocs < 1:
             raise ValueError(f"gpumem.spawn: nprocs must be a positive int, got {nprocs!r}")
@@ -112,7 +111,10 @@ class GpuMem:
 @pytest.fixture
 def gpumem(request: pytest.FixtureRequest) -> GpuMem:
     """Measure this test (even without the marker) and open named phases: ``with gpumem.phase("forward"):``."""
-    return GpuMem(request.node.stash[MEASUREMENT])
+    test = request.node.stash.get(MEASURED, None)
+    if test is None or test.measurement is None:
+        raise pytest.UsageError(f"gpumem fixture: {request.node.nodeid} is not measured (is the plugin disabled?)")
+    return GpuMem(test.measurement)
 
 
 @pytest.fixture(scope="session")
@@ -128,7 +130,8 @@ _DEFAULT = object()
 def _measurement(request: pytest.FixtureRequest) -> Measurement | None:
     """The test's measurement; None where the plugin is disabled (``-p no:gpumem``): the model fixtures
     still load and train then, unmeasured."""
-    return request.node.stash.get(MEASUREMENT, None)
+    test = request.node.stash.get(MEASURED, None)
+    return test.measurement if test is not None else None
 
 
 def _loading(measurement: Measurement | None) -> AbstractContextManager[None]:
@@ -145,7 +148,7 @@ def quantized_model(gpumem: GpuMem, gpumem_model_dir: Path, request: pytest.Fixt
     """Load a model as production code does: ``quantized_model("llama", size="tiny", quant="nf4")``.
 
     Arguments: ``arch`` (llama, mistral, qwen2), ``size`` (tiny, or a published
-    shape: see ``pytest_gpumem.models.PRESETS``), ``quant`` (nf4, fp4, int8, bf16,
+    shape: see ``pytest_gpumem.models.loading.PRESETS``), ``quant`` (nf4, fp4, int8, bf16,
     fp16, fp32), ``double_quant``, ``compute_dtype`` (bfloat16, float16, float32),
     ``path`` (a local checkpoint instead of a preset; ini ``gpumem_model_path``
     sets one for every call without ``arch``) and ``device_map`` (default: the
@@ -154,8 +157,6 @@ def quantized_model(gpumem: GpuMem, gpumem_model_dir: Path, request: pytest.Fixt
     nothing of making it (not even a library's cache) is left in the measured one.
     """
     import torch
-
-    from .plugin import settings_of
 
     def load(
         arch: str | None = None,
@@ -167,29 +168,28 @@ def quantized_model(gpumem: GpuMem, gpumem_model_dir: Path, request: pytest.Fixt
         path: str | Path | None = None,
         device_map: Any = _DEFAULT,
     ) -> Any:
-        models.check_choice("quant", quant, models.QUANTS)
-        models.check_choice("compute_dtype", compute_dtype, models.COMPUTE_DTYPES)
+        presets.check_choice("quant", quant, presets.QUANTS)
+        presets.check_choice("compute_dtype", compute_dtype, presets.COMPUTE_DTYPES)
         if path is None and arch is None:
             path = settings_of(request.config).model_path
         measurement = _measurement(request)
         if settings_of(request.config).backend == "estimate":
             # Predicted, not loaded: the model is built from its config on fake tensors, quantized as
             # from_pretrained quantizes it, and no checkpoint is made or read.
-            from . import estimate
 
-            recipe = estimate.Recipe(arch=arch or "llama", size=size, config=Path(path) if path else None)
+            recipe = engine.Recipe(arch=arch or "llama", size=size, config=Path(path) if path else None)
             with _loading(measurement):
-                model = estimate.fake_model(estimate.model_config(recipe), quant, double_quant, compute_dtype)
+                model = engine.fake_model(engine.model_config(recipe), quant, double_quant, compute_dtype)
             _register(measurement, model)
             return model
         if path is None:
-            path = models.ensure_checkpoint(gpumem_model_dir, arch or "llama", size)
+            path = loading.ensure_checkpoint(gpumem_model_dir, arch or "llama", size)
         elif not Path(path, "config.json").is_file():
             raise ValueError(f"quantized_model: {str(path)!r} is not a checkpoint directory (no config.json)")
         if device_map is _DEFAULT:
             device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
         with _loading(measurement):
-            model = models.load(path, quant, double_quant, compute_dtype, device_map)
+            model = loading.load(path, quant, double_quant, compute_dtype, device_map)
         _register(measurement, model)
         return model
 
@@ -201,9 +201,9 @@ def lora(request: pytest.FixtureRequest) -> Callable[..., Any]:
     """Apply LoRA through peft: ``lora(model, r=8, alpha=None, target_modules="all-linear", dropout=0.0,
     gradient_checkpointing=True)``; quantized models are prepared with ``prepare_model_for_kbit_training``."""
 
-    @functools.wraps(models.add_lora)
+    @functools.wraps(loading.add_lora)
     def apply(model: Any, *args: Any, **kwargs: Any) -> Any:
-        model = models.add_lora(model, *args, **kwargs)
+        model = loading.add_lora(model, *args, **kwargs)
         _register(_measurement(request), model)
         return model
 
@@ -241,7 +241,7 @@ def train_step(gpumem: GpuMem, request: pytest.FixtureRequest) -> Callable[..., 
         bound.apply_defaults()
         knobs = {name: value for name, value in bound.arguments.items() if name in KNOBS}
         if knobs.get("gradient_checkpointing") is None:
-            knobs["gradient_checkpointing"] = models.gradient_checkpointing_enabled(model)
+            knobs["gradient_checkpointing"] = loading.gradient_checkpointing_enabled(model)
         measurement.register_model(model)
         registration = measurement.registration
         registration.step = _weak_step(model)

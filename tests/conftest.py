@@ -34,7 +34,9 @@ with contextlib.suppress(ImportError):
     import transformers  # noqa: F401
     from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM  # noqa: F401
 
-    from pytest_gpumem import models, training  # noqa: F401
+    from pytest_gpumem.models import (
+        training,  # noqa: F401
+    )
 
 
 @pytest.fixture(autouse=True)

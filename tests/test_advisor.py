@@ -9,11 +9,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from pytest_gpumem import models
-from pytest_gpumem.advisor import LayerBytes, Precision, Shape, adam_8bit_bytes, advise, layer_bytes, nf4_bytes
-from pytest_gpumem.introspect import Finding, Probe, TrainingSetup, decoder_layers, inspect_setup
-from pytest_gpumem.meters.tracker import StorageTracker
-from pytest_gpumem.sample import LEVERS, Attribution, Breakdown
+from pytest_gpumem.advise.advisor import advise
+from pytest_gpumem.advise.findings import Finding
+from pytest_gpumem.advise.memory_model import LayerBytes, Precision, Shape, adam_8bit_bytes, layer_bytes, nf4_bytes
+from pytest_gpumem.core.sample import LEVERS, Attribution, Breakdown
+from pytest_gpumem.measure.introspect import Probe, TrainingSetup, decoder_layers, inspect_setup
+from pytest_gpumem.measure.meters.tracker import StorageTracker
+from pytest_gpumem.models import loading
 
 ALL_LINEAR = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 KNOBS = {
@@ -381,7 +383,7 @@ def test_without_attribution_the_peak_is_modelled_from_the_setup():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     pytest.importorskip("transformers")
-    return models.make_checkpoint(tmp_path_factory.mktemp("checkpoints"), "llama", "tiny")
+    return loading.make_checkpoint(tmp_path_factory.mktemp("checkpoints"), "llama", "tiny")
 
 
 @pytest.mark.parametrize(
@@ -395,9 +397,9 @@ def checkpoint(tmp_path_factory):
     ],
 )
 def test_the_layer_model_is_what_real_decoder_layers_keep(checkpoint, quant, autocast, attention):
-    model = models.load(checkpoint, quant, True, "bfloat16" if quant != "fp32" else "float32", None)
+    model = loading.load(checkpoint, quant, True, "bfloat16" if quant != "fp32" else "float32", None)
     model.set_attn_implementation(attention)
-    model = models.add_lora(model, r=8, gradient_checkpointing=False)
+    model = loading.add_lora(model, r=8, gradient_checkpointing=False)
     layers = decoder_layers(model)
     tracker, marks = StorageTracker(), []
     layers[0].register_forward_pre_hook(lambda *_: marks.append(tracker.current.get("cpu", 0)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_gpumem.allocator import CachingAllocator, round_size, segment_size
+from pytest_gpumem.estimate.allocator import CachingAllocator, round_size, segment_size
 
 MiB = 2**20
 

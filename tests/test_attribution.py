@@ -7,10 +7,10 @@ import pickle
 import pytest
 import torch
 
-from pytest_gpumem import meters
-from pytest_gpumem.measurement import Measurement
-from pytest_gpumem.sample import Attribution
-from pytest_gpumem.snapshot import from_records
+from pytest_gpumem.config import backend
+from pytest_gpumem.core.sample import Attribution
+from pytest_gpumem.measure.measurement import Measurement
+from pytest_gpumem.measure.snapshot import from_records
 
 HIDDEN, WIDE, BATCH = 256, 1024, 64
 
@@ -62,7 +62,7 @@ def train(measurement: Measurement, steps: int = 2) -> tuple[Attribution, dict, 
 
 
 def test_consumers_match_tensors_of_known_size() -> None:
-    attribution, call, size = train(Measurement(meters.create("cpu")))
+    attribution, call, size = train(Measurement(backend.create("cpu")))
     buffer = HIDDEN * 4
     peak = attribution.peak
     assert peak.weights == size + buffer
@@ -75,7 +75,7 @@ def test_consumers_match_tensors_of_known_size() -> None:
 
 
 def test_stages_split_forward_backward_and_optimizer() -> None:
-    attribution, _, size = train(Measurement(meters.create("cpu")))
+    attribution, _, size = train(Measurement(backend.create("cpu")))
     stages = attribution.stages
     assert set(stages) == {"forward", "backward", "optimizer"}
     # In forward no gradient exists yet (zero_grad set them to None), in the optimizer step all do.
@@ -89,7 +89,7 @@ def test_stages_split_forward_backward_and_optimizer() -> None:
 
 
 def test_peak_in_forward_names_the_module() -> None:
-    measurement = Measurement(meters.create("cpu"))
+    measurement = Measurement(backend.create("cpu"))
     measurement.enter("call")
     model = Net(layers=1)
     with torch.no_grad():
@@ -102,7 +102,7 @@ def test_peak_in_forward_names_the_module() -> None:
 
 
 def test_peak_in_backward_names_the_autograd_node() -> None:
-    measurement = Measurement(meters.create("cpu"))
+    measurement = Measurement(backend.create("cpu"))
     measurement.enter("call")
     weight = torch.randn(HIDDEN, HIDDEN, requires_grad=True)
     x = torch.randn(4 * BATCH, HIDDEN)
@@ -118,7 +118,7 @@ def test_peak_in_backward_names_the_autograd_node() -> None:
 
 def test_window_is_the_call_phase() -> None:
     """What setup made and freed is not in the call's attribution; what it left alive is."""
-    measurement = Measurement(meters.create("cpu"))
+    measurement = Measurement(backend.create("cpu"))
     measurement.enter("setup")
     kept = torch.ones(2**20, dtype=torch.uint8)
     transient = torch.ones(2**22, dtype=torch.uint8)
@@ -136,7 +136,7 @@ def test_window_is_the_call_phase() -> None:
 def test_snapshot_of_records_opens_in_pytorchs_trace_reader() -> None:
     from torch.cuda import _memory_viz
 
-    measurement = Measurement(meters.create("cpu"), snapshot=True)
+    measurement = Measurement(backend.create("cpu"), snapshot=True)
     measurement.enter("call")
     a = torch.ones(1000, dtype=torch.uint8)
     b = torch.ones(3000, dtype=torch.uint8)
@@ -174,7 +174,7 @@ def test_snapshot_from_records_orders_events_by_time() -> None:
 
 @pytest.mark.parametrize("attribute", [True, False])
 def test_meter_without_attribution_measures_the_same(attribute: bool) -> None:
-    meter = meters.create("cpu", attribute=attribute)
+    meter = backend.create("cpu", attribute=attribute)
     measurement = Measurement(meter)
     measurement.enter("call")
     x = torch.ones(2**16)

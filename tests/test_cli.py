@@ -11,9 +11,9 @@ import sys
 import pytest
 
 from pytest_gpumem import cli
+from pytest_gpumem.core.sample import Baseline, Sample, TestResult, Verdict
 from pytest_gpumem.report import json_report, markdown
 from pytest_gpumem.report.terminal import summary_lines
-from pytest_gpumem.sample import Baseline, Sample, TestResult, Verdict
 
 with contextlib.suppress(ImportError):  # imported before pytester snapshots sys.modules: see tests/conftest.py
     import matplotlib.figure  # noqa: F401

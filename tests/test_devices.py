@@ -8,11 +8,9 @@ import pickle
 
 import pytest
 
-from pytest_gpumem.judge import judge, needed
-from pytest_gpumem.marker import MARKER_HELP, parse_marker
-from pytest_gpumem.report import json_report, markdown, terminal
-from pytest_gpumem.report.table import cells, device_rows
-from pytest_gpumem.sample import (
+from pytest_gpumem.config.marker import MARKER_HELP, parse_marker
+from pytest_gpumem.core.judge import judge, needed
+from pytest_gpumem.core.sample import (
     Baseline,
     DeviceVerdict,
     OutOfMemory,
@@ -22,8 +20,10 @@ from pytest_gpumem.sample import (
     Verdict,
     touched,
 )
-from pytest_gpumem.store import BaselineStore
-from pytest_gpumem.units import BadValue, Tolerance
+from pytest_gpumem.core.store import BaselineStore
+from pytest_gpumem.core.units import BadValue, Tolerance
+from pytest_gpumem.report import json_report, markdown, terminal
+from pytest_gpumem.report.table import cells, device_rows
 
 MiB = 2**20
 GiB = 2**30
@@ -426,7 +426,7 @@ EXTRA = {}  # bytes the test says it used on devices the cpu backend cannot see
 
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config):
-    meter = config.stash[PLUGIN].meter
+    meter = config.stash[PLUGIN].context.meter
     real = meter.mark
 
     def mark():

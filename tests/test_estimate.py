@@ -17,19 +17,23 @@ pytest.importorskip("bitsandbytes")
 
 import torch
 
-from pytest_gpumem import cli, estimate, gpus, meters, models, training
-from pytest_gpumem.measurement import Measurement
-from pytest_gpumem.meters.estimate import EstimateTracker, FakeCuda, attention_kernel
-from pytest_gpumem.meters.tracker import WEIGHTS, block_size
-from pytest_gpumem.units import BadValue
+from pytest_gpumem import cli
+from pytest_gpumem.config import backend
+from pytest_gpumem.core import gpus
+from pytest_gpumem.core.units import BadValue
+from pytest_gpumem.estimate import engine
+from pytest_gpumem.estimate.meter import EstimateTracker, FakeCuda, attention_kernel
+from pytest_gpumem.measure.measurement import Measurement
+from pytest_gpumem.measure.meters.tracker import WEIGHTS, block_size
+from pytest_gpumem.models import loading, presets, training
 
 H100 = gpus.GPUS["H100"]
-TINY = estimate.Recipe(size="tiny", batch=2, seq=64)
+TINY = engine.Recipe(size="tiny", batch=2, seq=64)
 
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return models.make_checkpoint(tmp_path_factory.mktemp("models"), "llama", "tiny")
+    return loading.make_checkpoint(tmp_path_factory.mktemp("models"), "llama", "tiny")
 
 
 def _weights(meter: Any, build: Any) -> collections.Counter[int]:
@@ -46,25 +50,25 @@ def _weights(meter: Any, build: Any) -> collections.Counter[int]:
 
 def test_fake_model_has_the_real_models_weights(tiny_checkpoint: Path) -> None:
     real = _weights(
-        meters.create("cpu"),
-        lambda: models.add_lora(models.load(tiny_checkpoint, "nf4", True, "bfloat16", None), r=16),
+        backend.create("cpu"),
+        lambda: loading.add_lora(loading.load(tiny_checkpoint, "nf4", True, "bfloat16", None), r=16),
     )
-    with estimate._quiet():
-        fake = _weights(meters.create("estimate"), lambda: estimate._build(TINY))
+    with engine._quiet():
+        fake = _weights(backend.create("estimate"), lambda: engine._build(TINY))
     assert fake == real and sum(fake.values()) > 0
 
 
 def test_an_8bit_step_runs_on_fake_tensors() -> None:
     """LLM.int8()'s outlier split depends on values; the fake run counts no outliers instead of failing."""
-    result = estimate.estimate(dataclasses.replace(TINY, quant="int8"), H100, advise=False)
+    result = engine.estimate(dataclasses.replace(TINY, quant="int8"), H100, advise=False)
     assert result.method == "fake", result.reason
     assert result.attribution is not None and result.attribution.peak.optimizer > 0
 
 
 def _cpu_step(path: Path) -> Any:
-    measurement = Measurement(meters.create("cpu"))
+    measurement = Measurement(backend.create("cpu"))
     measurement.enter("setup")
-    model = models.add_lora(models.load(path, "nf4", True, "bfloat16", None), r=16, gradient_checkpointing=False)
+    model = loading.add_lora(loading.load(path, "nf4", True, "bfloat16", None), r=16, gradient_checkpointing=False)
     measurement.register_model(model)
     measurement.exit("setup")
 
@@ -82,7 +86,7 @@ def test_estimate_agrees_with_the_cpu_backends_measurement(tiny_checkpoint: Path
     this size); activations within 15%, since the CPU runs other kernels (flash attention, bitsandbytes'
     CPU matmul) than the estimate's CUDA choices."""
     real = _cpu_step(tiny_checkpoint)
-    fake = estimate.run_step(dataclasses.replace(TINY, loop="trainer"), H100).attribution
+    fake = engine.run_step(dataclasses.replace(TINY, loop="trainer"), H100).attribution
     assert real is not None and fake is not None
     assert fake.stage == real.stage == "backward"
     for stage in ("optimizer", "backward"):
@@ -93,7 +97,7 @@ def test_estimate_agrees_with_the_cpu_backends_measurement(tiny_checkpoint: Path
 
 
 def test_estimate_of_a_step_counts_every_consumer() -> None:
-    result = estimate.estimate(TINY, H100, advise=False)
+    result = engine.estimate(TINY, H100, advise=False)
     assert result.method == "fake" and result.attribution is not None
     breakdown = result.attribution.peak
     assert result.peak == breakdown.total + H100.workspace
@@ -164,7 +168,7 @@ def test_bad_gpus(text: str, message: str) -> None:
 def test_meta_caches_do_not_leak_into_real_quantization() -> None:
     import bitsandbytes.functional as bnb_functional
 
-    estimate.fake_model(estimate.model_config(TINY), "nf4")
+    engine.fake_model(engine.model_config(TINY), "nf4")
     state = bnb_functional.quantize_4bit(torch.randn(64, 64, dtype=torch.bfloat16), compress_statistics=True)[1]
     assert state.state2.code.device.type == "cpu"
 
@@ -194,7 +198,7 @@ def test_cli_json_and_exit_status_when_it_does_not_fit(capsys: pytest.CaptureFix
 def test_cli_takes_a_config_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from transformers import AutoConfig
 
-    AutoConfig.for_model("qwen2", **models.preset("qwen2", "tiny").config).save_pretrained(tmp_path)
+    AutoConfig.for_model("qwen2", **presets.preset("qwen2", "tiny").config).save_pretrained(tmp_path)
     assert cli.main(["estimate", "--arch", str(tmp_path / "config.json"), "--seq", "64", "--no-levers", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["method"] == "fake"
 
@@ -244,13 +248,13 @@ def test_backend_keeps_its_own_baselines(pytester: pytest.Pytester) -> None:
 def test_a_model_the_fake_run_cannot_take_gets_a_labelled_analytic_estimate(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    fake = estimate.estimate(TINY, H100, advise=False)
+    fake = engine.estimate(TINY, H100, advise=False)
 
     def unsupported(*args: Any, **kwargs: Any) -> None:
         raise NotImplementedError("aten::frobnicate has no meta implementation")
 
-    monkeypatch.setattr(estimate, "run_step", unsupported)
-    result = estimate.estimate(TINY, H100)
+    monkeypatch.setattr(engine, "run_step", unsupported)
+    result = engine.estimate(TINY, H100)
     assert result.method == "analytic"
     assert result.reason == "the fake run failed: NotImplementedError: aten::frobnicate has no meta implementation"
     assert result.peak == pytest.approx(fake.peak, rel=0.5)
@@ -276,11 +280,11 @@ def _real_peak(path: Path, loop: str, checkpointing: str | None) -> int:
     prepare_model_for_kbit_training with peft's defaults (or non-reentrant), LoRA r16, AdamW."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    measurement = Measurement(meters.create("cpu"))
+    measurement = Measurement(backend.create("cpu"))
     measurement.enter("setup")
     kwargs = {"use_reentrant": False} if checkpointing == "non-reentrant" else None
     model = prepare_model_for_kbit_training(
-        models.load(path, "nf4", True, "bfloat16", None),
+        loading.load(path, "nf4", True, "bfloat16", None),
         use_gradient_checkpointing=checkpointing is not None,
         gradient_checkpointing_kwargs=kwargs,
     )
@@ -293,8 +297,8 @@ def _real_peak(path: Path, loop: str, checkpointing: str | None) -> int:
         with measurement.phase("call" if name == "step2" else "warmup"):
             yield
 
-    steps = training.train_steps if loop == "trainer" else estimate.plain_loop
-    with estimate._quiet():
+    steps = training.train_steps if loop == "trainer" else engine.plain_loop
+    with engine._quiet():
         steps(model, batch=TINY.batch, seq=TINY.seq, steps=2, phase=phase, gradient_checkpointing=None)
     return measurement.finish().value("allocated", "call") or 0
 
@@ -303,11 +307,11 @@ def test_the_plain_loop_keeps_one_float32_logits_tensor_more_as_the_cpu_measures
     """``outputs = model(...); outputs.loss.backward()`` keeps the outputs, and so the float32 logits, alive
     through backward: the estimate of that loop is one logits tensor above the Trainer's, exactly as much as
     the cpu backend measures between the two loops for real."""
-    logits = TINY.batch * TINY.seq * models.preset("llama", "tiny").config["vocab_size"] * 4
+    logits = TINY.batch * TINY.seq * presets.preset("llama", "tiny").config["vocab_size"] * 4
     real = _real_peak(tiny_checkpoint, "plain", None) - _real_peak(tiny_checkpoint, "trainer", None)
-    recipe = dataclasses.replace(TINY, use_cache=False)  # as models.load leaves the CPU's model
-    plain = estimate.run_step(recipe, H100, attribute=False).peak
-    trainer = estimate.run_step(dataclasses.replace(recipe, loop="trainer"), H100, attribute=False).peak
+    recipe = dataclasses.replace(TINY, use_cache=False)  # as loading.load leaves the CPU's model
+    plain = engine.run_step(recipe, H100, attribute=False).peak
+    trainer = engine.run_step(dataclasses.replace(recipe, loop="trainer"), H100, attribute=False).peak
     assert real == plain - trainer == logits
 
 
@@ -316,22 +320,22 @@ def test_the_checkpointing_variant_is_the_one_peft_sets_and_is_read_back(tiny_ch
     reads the variant back from it, and says so; with non-reentrant asked, it builds and says that."""
     from peft import prepare_model_for_kbit_training
 
-    with estimate._quiet():
-        real = prepare_model_for_kbit_training(models.load(tiny_checkpoint, "nf4", True, "bfloat16", None))
-    assert estimate.checkpointing_variant(real) == "reentrant"
-    for variant in estimate.CHECKPOINTING:
+    with engine._quiet():
+        real = prepare_model_for_kbit_training(loading.load(tiny_checkpoint, "nf4", True, "bfloat16", None))
+    assert engine.checkpointing_variant(real) == "reentrant"
+    for variant in engine.CHECKPOINTING:
         recipe = dataclasses.replace(TINY, gradient_checkpointing=True, checkpointing=variant)
-        step = estimate.run_step(recipe, H100, attribute=False)
+        step = engine.run_step(recipe, H100, attribute=False)
         assert step.checkpointing == variant
-        result = estimate.estimate(recipe, H100, advise=False)
+        result = engine.estimate(recipe, H100, advise=False)
         assert any(line.endswith(f"read from the built model: {variant}") for line in result.assumed)
-    assert estimate.run_step(TINY, H100, attribute=False).checkpointing is None
+    assert engine.run_step(TINY, H100, attribute=False).checkpointing is None
 
 
 def test_the_meter_charges_what_the_cuda_caching_allocator_charges() -> None:
     """11 MiB in a fresh 12 MiB segment cannot be split (1 MiB left): CUDA's memory_allocated counts 12 MiB,
     and so does the estimate; a 5 MiB tensor takes 5 MiB of a 20 MiB segment, which reserved counts."""
-    from pytest_gpumem.meters.estimate import DEVICE, EstimateMeter
+    from pytest_gpumem.estimate.meter import DEVICE, EstimateMeter
 
     meter = EstimateMeter(H100)
     meter.begin()
@@ -406,12 +410,12 @@ def test_a_kv_cache_left_on_holds_a_copy_of_every_layers_keys_and_values() -> No
     """from_pretrained leaves Llama's use_cache on: without checkpointing the forward pass copies each layer's
     keys and values into a DynamicCache, which the plain loop's outputs hold through backward (on the H200 the
     copies were 1 GiB of a Mistral 7B step's peak). With checkpointing transformers turns the cache off."""
-    config = models.preset("llama", "tiny").config
+    config = presets.preset("llama", "tiny").config
     head_dim = config["hidden_size"] // config["num_attention_heads"]
     copies = 2 * config["num_hidden_layers"] * TINY.batch * TINY.seq * config["num_key_value_heads"] * head_dim * 4
 
     def peak(**changes: Any) -> int:
-        return estimate.run_step(dataclasses.replace(TINY, **changes), H100, attribute=False).peak
+        return engine.run_step(dataclasses.replace(TINY, **changes), H100, attribute=False).peak
 
     assert peak(use_cache=True) - peak(use_cache=False) == copies
     assert peak() == peak(use_cache=True)  # the preset's config keeps it on, as the published configs do
@@ -421,18 +425,17 @@ def test_a_kv_cache_left_on_holds_a_copy_of_every_layers_keys_and_values() -> No
 def test_loading_holds_one_16_bit_weight_at_a_time_not_the_whole_model() -> None:
     """from_pretrained quantizes as it loads, so a 4-bit model never exists in 16 bits: the estimate's load
     peaks at what it keeps plus one weight's 16-bit transient, not at the 16-bit model (2.5 GB for 1B)."""
-    from pytest_gpumem.meters.estimate import DEVICE, EstimateMeter
+    from pytest_gpumem.estimate.meter import DEVICE, EstimateMeter
 
     meter = EstimateMeter(H100)
     measurement = Measurement(meter)
     measurement.enter("setup")
-    with estimate._quiet():
-        model = estimate.fake_model(estimate.model_config(estimate.Recipe(size="1b")), "nf4")
-    assert meter._tracker is not None
-    kept = meter._tracker.current[DEVICE]
+    with engine._quiet():
+        model = engine.fake_model(engine.model_config(engine.Recipe(size="1b")), "nf4")
+    kept = meter.fake_device.current[DEVICE]
     measurement.exit("setup")
     peak = measurement.finish().value("allocated", "setup") or 0
-    config = models.preset("llama", "1b").config
+    config = presets.preset("llama", "1b").config
     largest_weight = config["intermediate_size"] * config["hidden_size"] * 2  # one MLP weight in bfloat16
     assert kept <= peak <= kept + largest_weight + 2**20
     assert sum(p.numel() for p in model.parameters()) > 0

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_gpumem.export import FORMATS, Export, bmf, gab, parse_exports, render
-from pytest_gpumem.sample import Baseline, Sample, TestResult, Verdict
-from pytest_gpumem.units import BadValue
+from pytest_gpumem.ci.export import FORMATS, Export, bmf, gab, parse_exports, render
+from pytest_gpumem.core.sample import Baseline, Sample, TestResult, Verdict
+from pytest_gpumem.core.units import BadValue
 
 MiB = 2**20
 

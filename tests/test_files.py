@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_gpumem import atomic, store
-from pytest_gpumem.sample import Baseline, Sample, TestResult, Verdict
+from pytest_gpumem.core import atomic, store
+from pytest_gpumem.core.sample import Baseline, Sample, TestResult, Verdict
 
 with contextlib.suppress(ImportError):  # imported before pytester snapshots sys.modules: see tests/conftest.py
     import matplotlib.figure  # noqa: F401
@@ -92,7 +92,8 @@ def test_every_file_the_plugin_writes_follows_the_umask(pytester):
 def test_the_history_report_follows_the_umask(tmp_path):
     pytest.importorskip("pandas")
     pytest.importorskip("matplotlib")
-    from pytest_gpumem import cli, history
+    from pytest_gpumem import cli
+    from pytest_gpumem.ci import history
 
     table = tmp_path / "h.csv"
     for commit, value in enumerate([MiB, MiB, 2 * MiB, 2 * MiB]):

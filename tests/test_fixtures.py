@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 
 SUITE = """
 import pytest, torch
-from pytest_gpumem.training import GpuMemWarning
+from pytest_gpumem.models.training import GpuMemWarning
 
 def test_qlora(quantized_model, lora, train_step, gpumem):
     with gpumem.phase("load"):
@@ -20,7 +20,7 @@ def test_qlora(quantized_model, lora, train_step, gpumem):
         train_step(model, batch=2, seq=32, steps=2)
 
 def test_local_path(quantized_model, gpumem_model_dir):
-    from pytest_gpumem.models import make_checkpoint
+    from pytest_gpumem.models.loading import make_checkpoint
     path = make_checkpoint(gpumem_model_dir, "qwen2", "tiny")
     assert quantized_model(path=path, quant="bf16").config.model_type == "qwen2"
 
@@ -42,7 +42,7 @@ def test_bad_arguments(quantized_model, kwargs, message):
 
 @pytest.fixture(scope="module")
 def mistral(tmp_path_factory):
-    from pytest_gpumem.models import make_checkpoint
+    from pytest_gpumem.models.loading import make_checkpoint
 
     return make_checkpoint(tmp_path_factory.mktemp("models"), "mistral", "tiny")
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from pytest_gpumem import history
-from pytest_gpumem.history import COLUMNS, HistoryError, RunInfo, change_points
-from pytest_gpumem.sample import Baseline, Sample, TestResult, Verdict
-from pytest_gpumem.units import Tolerance
+from pytest_gpumem.ci import history
+from pytest_gpumem.ci.history import COLUMNS, HistoryError, RunInfo, change_points
+from pytest_gpumem.core.sample import Baseline, Sample, TestResult, Verdict
+from pytest_gpumem.core.units import Tolerance
 
 pd = pytest.importorskip("pandas")
 
@@ -180,8 +180,8 @@ def test_concurrent_appends_keep_every_row(tmp_path):
     script = textwrap.dedent(
         f"""
         import sys
-        from pytest_gpumem import history
-        from pytest_gpumem.sample import Sample, TestResult, Verdict
+        from pytest_gpumem.ci import history
+        from pytest_gpumem.core.sample import Sample, TestResult, Verdict
         for run in range(5):
             sample = Sample("cpu", phases={{"call": {{"allocated": {{"cpu": run}}}}}})
             r = TestResult("t.py::p" + sys.argv[1], "cpu", sample, Verdict("new", "allocated", run), True)

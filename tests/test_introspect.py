@@ -7,21 +7,22 @@ import warnings
 import pytest
 import torch
 
-from pytest_gpumem import models
-from pytest_gpumem.introspect import FINDINGS, Finding, Probe, TrainingSetup, decoder_layers, findings, inspect_setup
-from pytest_gpumem.training import train_steps
+from pytest_gpumem.advise.findings import FINDINGS, Finding, findings
+from pytest_gpumem.measure.introspect import Probe, TrainingSetup, decoder_layers, inspect_setup
+from pytest_gpumem.models import loading, presets
+from pytest_gpumem.models.training import train_steps
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 
-TINY = models.preset("llama", "tiny").config
+TINY = presets.preset("llama", "tiny").config
 BATCH, SEQ = 2, 16
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return models.make_checkpoint(tmp_path_factory.mktemp("checkpoints"), "llama", "tiny")
+    return loading.make_checkpoint(tmp_path_factory.mktemp("checkpoints"), "llama", "tiny")
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +47,8 @@ def moe_checkpoint(tmp_path_factory):
 
 
 def lora_model(checkpoint, quant="bf16", *, gradient_checkpointing=True, r=8, double_quant=True):
-    model = models.load(checkpoint, quant, double_quant, "bfloat16", device_map=None)
-    return models.add_lora(model, r=r, gradient_checkpointing=gradient_checkpointing)
+    model = loading.load(checkpoint, quant, double_quant, "bfloat16", device_map=None)
+    return loading.add_lora(model, r=r, gradient_checkpointing=gradient_checkpointing)
 
 
 def observe(model, **train):
@@ -124,7 +125,7 @@ def test_bf16_lora_keeps_bf16_activations_and_checkpointing_is_seen_to_recompute
 
 @pytest.mark.parametrize(("quant", "double_quant"), [("nf4", False), ("fp4", True), ("int8", False)])
 def test_quantization_is_read_from_the_layers(checkpoint, quant, double_quant):
-    model = models.load(checkpoint, quant, double_quant, "bfloat16", device_map=None)
+    model = loading.load(checkpoint, quant, double_quant, "bfloat16", device_map=None)
     setup = inspect_setup([model], [], {}, None)
     assert (setup.quant, setup.linear_layers, setup.quantized_layers) == (quant, 14, 14)
     assert setup.double_quant is (double_quant if quant != "int8" else None)
@@ -133,8 +134,8 @@ def test_quantization_is_read_from_the_layers(checkpoint, quant, double_quant):
 
 
 def test_weights_count_logical_parameters_and_every_storage_once(checkpoint):
-    bf16 = models.load(checkpoint, "bf16", True, "bfloat16", device_map=None)
-    nf4 = models.load(checkpoint, "nf4", True, "bfloat16", device_map=None)
+    bf16 = loading.load(checkpoint, "bf16", True, "bfloat16", device_map=None)
+    nf4 = loading.load(checkpoint, "nf4", True, "bfloat16", device_map=None)
     dense, quantized = inspect_setup([bf16], [], {}, None), inspect_setup([nf4], [], {}, None)
     assert dense.total_params == quantized.total_params == sum(p.numel() for p in bf16.parameters())
     assert dense.weight_bytes == sum(p.nbytes for p in bf16.parameters()) + sum(b.nbytes for b in bf16.buffers())
@@ -222,7 +223,7 @@ def test_autocast_requested_but_not_applied(checkpoint):
 
 
 def test_experts_left_unquantized_are_named(moe_checkpoint):
-    model = models.load(moe_checkpoint, "nf4", True, "bfloat16", device_map=None)
+    model = loading.load(moe_checkpoint, "nf4", True, "bfloat16", device_map=None)
     setup = inspect_setup([model], [], {}, None)
     assert (setup.arch, setup.linear_layers, setup.quantized_layers) == ("mixtral", 12, 8)
     assert setup.unquantized == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]

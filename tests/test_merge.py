@@ -8,11 +8,11 @@ import json
 import pytest
 
 from pytest_gpumem import cli
-from pytest_gpumem.judge import judge
-from pytest_gpumem.merge import MergeError, merge, merge_environments
+from pytest_gpumem.ci.merge import MergeError, merge, merge_environments
+from pytest_gpumem.core.judge import judge
+from pytest_gpumem.core.sample import Baseline, Sample, Spec, TestResult, Verdict
 from pytest_gpumem.report import json_report, markdown
 from pytest_gpumem.report.terminal import summary_lines
-from pytest_gpumem.sample import Baseline, Sample, Spec, TestResult, Verdict
 
 with contextlib.suppress(ImportError):  # imported before pytester snapshots sys.modules: see tests/conftest.py
     import pandas  # noqa: F401
@@ -211,7 +211,7 @@ def test_merge_can_export_and_append_to_the_history(pytester, capsys):
     assert bmf["test_load.py::test_load"]["gpumem-allocated"] == {"value": 2 * MiB}
     assert len(json.loads((path / "gab.json").read_text())) == 10
     assert "history: " in capsys.readouterr().out
-    from pytest_gpumem import history
+    from pytest_gpumem.ci import history
 
     assert len(history.load(path / "h.csv")) == 10
 

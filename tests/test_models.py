@@ -1,4 +1,4 @@
-"""Model presets, random-weight checkpoints, loading and training, on real (tiny) models."""
+"""Model presets, random-weight checkpoints, loading and training, on real (tiny) loading."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import contextlib
 import pytest
 import torch
 
-from pytest_gpumem import models
-from pytest_gpumem.meters.tracker import TrackerMeter
-from pytest_gpumem.training import GpuMemWarning, train_steps
+from pytest_gpumem.measure.meters.tracker import TrackerMeter
+from pytest_gpumem.models import loading, presets
+from pytest_gpumem.models.training import GpuMemWarning, train_steps
 
 transformers = pytest.importorskip("transformers")
 
@@ -34,7 +34,7 @@ def checkpoints(tmp_path_factory):
     ],
 )
 def test_real_shapes_have_the_published_parameter_counts(arch, size, billions):
-    shape = models.preset(arch, size)
+    shape = presets.preset(arch, size)
     config = transformers.AutoConfig.for_model(arch, **shape.config)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
@@ -44,9 +44,9 @@ def test_real_shapes_have_the_published_parameter_counts(arch, size, billions):
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda: models.preset("gpt2", "tiny"), "unknown architecture 'gpt2'; choose one of llama, mistral, qwen2"),
-        (lambda: models.preset("llama", "70b"), "unknown size '70b' for llama; choose one of tiny, 1b, 3b, 8b"),
-        (lambda: models.check_choice("quant", "nf3", models.QUANTS), "unknown quant 'nf3'; choose one of nf4, fp4"),
+        (lambda: presets.preset("gpt2", "tiny"), "unknown architecture 'gpt2'; choose one of llama, mistral, qwen2"),
+        (lambda: presets.preset("llama", "70b"), "unknown size '70b' for llama; choose one of tiny, 1b, 3b, 8b"),
+        (lambda: presets.check_choice("quant", "nf3", presets.QUANTS), "unknown quant 'nf3'; choose one of nf4, fp4"),
     ],
 )
 def test_bad_names_list_the_valid_ones(call, message):
@@ -56,11 +56,11 @@ def test_bad_names_list_the_valid_ones(call, message):
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 def test_tiny_checkpoint_round_trip_through_from_pretrained(checkpoints, arch):
-    path = models.make_checkpoint(checkpoints, arch, "tiny")
+    path = loading.make_checkpoint(checkpoints, arch, "tiny")
     assert (path / "model.safetensors").is_file()
-    again = models.make_checkpoint(checkpoints, arch, "tiny")  # reused, not made again
+    again = loading.make_checkpoint(checkpoints, arch, "tiny")  # reused, not made again
     assert again == path
-    model = models.load(path, "nf4", True, "bfloat16", None)
+    model = loading.load(path, "nf4", True, "bfloat16", None)
     assert model.config.model_type == arch
     assert model.config.hidden_size == 128 and model.config.use_cache is False
     assert sum(type(m).__name__ == "Linear4bit" for m in model.modules()) == 2 * 7  # q k v o gate up down
@@ -78,7 +78,7 @@ def test_tiny_checkpoint_round_trip_through_from_pretrained(checkpoints, arch):
     ],
 )
 def test_every_quant_loads_what_it_says(checkpoints, quant, layer, dtype):
-    model = models.load(models.make_checkpoint(checkpoints, "llama", "tiny"), quant, True, "bfloat16", None)
+    model = loading.load(loading.make_checkpoint(checkpoints, "llama", "tiny"), quant, True, "bfloat16", None)
     proj = model.model.layers[0].self_attn.q_proj
     assert type(proj).__name__ == layer
     assert proj.weight.dtype == dtype
@@ -87,37 +87,37 @@ def test_every_quant_loads_what_it_says(checkpoints, quant, layer, dtype):
 
 
 def test_double_quant_quantizes_the_statistics(checkpoints):
-    path = models.make_checkpoint(checkpoints, "llama", "tiny")
-    single = models.load(path, "nf4", False, "bfloat16", None).model.layers[0].self_attn.q_proj.weight.quant_state
-    double = models.load(path, "nf4", True, "bfloat16", None).model.layers[0].self_attn.q_proj.weight.quant_state
+    path = loading.make_checkpoint(checkpoints, "llama", "tiny")
+    single = loading.load(path, "nf4", False, "bfloat16", None).model.layers[0].self_attn.q_proj.weight.quant_state
+    double = loading.load(path, "nf4", True, "bfloat16", None).model.layers[0].self_attn.q_proj.weight.quant_state
     assert single.nested is False and double.nested is True
 
 
 def test_random_weights_are_the_same_every_time(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    first = models.make_checkpoint(tmp_path / "a", "qwen2", "tiny")
-    second = models.make_checkpoint(tmp_path / "b", "qwen2", "tiny")
+    first = loading.make_checkpoint(tmp_path / "a", "qwen2", "tiny")
+    second = loading.make_checkpoint(tmp_path / "b", "qwen2", "tiny")
     assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
 
 
 def test_lora_on_a_quantized_model_prepares_it_for_kbit_training(checkpoints):
-    model = models.load(models.make_checkpoint(checkpoints, "llama", "tiny"), "nf4", True, "bfloat16", None)
-    model = models.add_lora(model, r=4, target_modules=["q_proj", "v_proj"])
+    model = loading.load(loading.make_checkpoint(checkpoints, "llama", "tiny"), "nf4", True, "bfloat16", None)
+    model = loading.add_lora(model, r=4, target_modules=["q_proj", "v_proj"])
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     assert len(trainable) == 2 * 2 * 2  # A and B, q and v, two layers
-    assert models.gradient_checkpointing_enabled(model)
+    assert loading.gradient_checkpointing_enabled(model)
     assert model.peft_config["default"].lora_alpha == 8
     # prepare_model_for_kbit_training upcasts the non-quantized parameters to float32
     assert model.base_model.model.model.norm.weight.dtype == torch.float32
     with pytest.raises(ValueError, match="lora: r must be a positive int, got 0"):
-        models.add_lora(model, r=0)
+        loading.add_lora(model, r=0)
 
 
 def test_train_steps_train_in_train_mode_with_phases(checkpoints):
-    model = models.load(models.make_checkpoint(checkpoints, "llama", "tiny"), "nf4", True, "bfloat16", None)
-    model = models.add_lora(model, r=4)
+    model = loading.load(loading.make_checkpoint(checkpoints, "llama", "tiny"), "nf4", True, "bfloat16", None)
+    model = loading.add_lora(model, r=4)
     model.eval()
     opened: list[str] = []
 
@@ -135,10 +135,10 @@ def test_train_steps_train_in_train_mode_with_phases(checkpoints):
 
 
 def test_gradient_checkpointing_saves_measured_activation_memory(checkpoints):
-    path = models.make_checkpoint(checkpoints, "llama", "tiny")
+    path = loading.make_checkpoint(checkpoints, "llama", "tiny")
 
     def step_peak(checkpointing: bool) -> int:
-        model = models.add_lora(models.load(path, "nf4", True, "bfloat16", None), r=4)
+        model = loading.add_lora(loading.load(path, "nf4", True, "bfloat16", None), r=4)
         meter = TrackerMeter()
         meter.begin()
         train_steps(model, batch=4, seq=64, steps=1, gradient_checkpointing=checkpointing)

@@ -15,10 +15,14 @@ import pickle
 import pytest
 import torch
 
-from pytest_gpumem import meters, oom
-from pytest_gpumem.meters.tracker import DeviceLimitError, StorageTracker, TrackerMeter, resident
-from pytest_gpumem.sample import Fit, Leak, OutOfMemory, TestResult
-from pytest_gpumem.units import BadValue, Tolerance, format_bytes
+from pytest_gpumem.core import units
+from pytest_gpumem.core.sample import Fit, Leak, OutOfMemory, TestResult
+from pytest_gpumem.core.units import BadValue, Tolerance, format_bytes
+from pytest_gpumem.measure.meters import base, oom_observer
+from pytest_gpumem.measure.meters.tracker import DeviceLimitError, StorageTracker, TrackerMeter, resident
+from pytest_gpumem.oom import capture
+from pytest_gpumem.oom.fit import search
+from pytest_gpumem.oom.leak import check_leak
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
 
@@ -55,7 +59,7 @@ KiB, MiB, GiB = 2**10, 2**20, 2**30
     ids=["torch-2.x", "with-fraction", "bytes", "old-format", "not-oom"],
 )
 def test_cuda_messages_give_their_numbers(message, expected):
-    parsed = oom.parse_cuda_message(message)
+    parsed = oom_observer.parse_cuda_message(message)
     assert {key: parsed[key] for key in expected} == expected
 
 
@@ -67,9 +71,9 @@ def test_out_of_memory_is_found_through_the_chain():
         except torch.OutOfMemoryError as inner:
             raise RuntimeError("training failed") from inner
     except RuntimeError as outer:
-        assert oom.find(outer) is error
-    assert oom.find(ValueError("no")) is None
-    assert oom.find(RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB")) is not None
+        assert capture.find(outer) is error
+    assert capture.find(ValueError("no")) is None
+    assert capture.find(RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB")) is not None
 
 
 @pytest.mark.parametrize(
@@ -86,7 +90,7 @@ def test_out_of_memory_is_found_through_the_chain():
     ],
 )
 def test_search_halves_then_bisects(fits_up_to, start, floor, start_fails, value, runs):
-    fit = oom.search(lambda v: 1000 * v if v <= fits_up_to else None, "batch", start, floor, start_fails=start_fails)
+    fit = search(lambda v: 1000 * v if v <= fits_up_to else None, "batch", start, floor, start_fails=start_fails)
     assert fit.value == value
     assert fit.peak == (1000 * value if value is not None else None)
     assert [v for v, _ in fit.tried] == runs
@@ -104,7 +108,7 @@ def test_search_halves_then_bisects(fits_up_to, start, floor, start_fails, value
     ],
 )
 def test_check_leak(devices, policy, peak, expected):
-    leak = oom.check_leak(devices, policy, peak, Tolerance(floor=MiB))
+    leak = check_leak(devices, policy, peak, Tolerance(floor=MiB))
     assert leak == expected
     if leak is not None:
         assert leak.flagged == (leak.bytes > leak.allowed)
@@ -116,21 +120,21 @@ def test_check_leak(devices, policy, peak, expected):
     [("1 MiB", Tolerance(floor=MiB)), ("1%, 2 KiB", Tolerance(1.0, 2 * KiB)), (False, False), ("off", False)],
 )
 def test_parse_leak(value, expected):
-    assert oom.parse_leak(value, "here") == expected
+    assert units.parse_leak(value, "here") == expected
 
 
 @pytest.mark.parametrize(
     ("parse", "value", "message"),
     [
         (
-            oom.parse_leak,
+            units.parse_leak,
             True,
             "here: expected a tolerance such as '1 MiB' or '1%, 1 MiB', or False for no check; got True",
         ),
-        (oom.parse_leak, "lots", "here: 'lots' is not a tolerance*"),
-        (oom.parse_device_limit, "16 gigs", "here: '16 gigs' is not a size*"),
-        (oom.parse_device_limit, 0, "here: a device limit must be more than 0 bytes, got 0"),
-        (oom.parse_device_limit, -1, "here: a size cannot be negative, got -1"),
+        (units.parse_leak, "lots", "here: 'lots' is not a tolerance*"),
+        (units.parse_device_limit, "16 gigs", "here: '16 gigs' is not a size*"),
+        (units.parse_device_limit, 0, "here: a device limit must be more than 0 bytes, got 0"),
+        (units.parse_device_limit, -1, "here: a size cannot be negative, got -1"),
     ],
 )
 def test_bad_values_name_their_source(parse, value, message):
@@ -148,7 +152,7 @@ def test_the_meters_error_is_cudas_and_pickles():
 
 
 def test_results_with_oom_leak_and_fits_round_trip():
-    from pytest_gpumem.sample import Sample, Verdict
+    from pytest_gpumem.core.sample import Sample, Verdict
 
     failure = OutOfMemory("cuda:0", 2 * MiB, {"cuda:0": 10 * MiB}, {"cuda:0": 12 * MiB}, 13 * MiB, MiB, "CUDA oom")
     result = TestResult(
@@ -214,8 +218,8 @@ def test_what_earlier_tests_left_alive_counts_against_the_limit():
 
 
 def test_every_meter_here_can_guard():
-    assert meters.guard(TrackerMeter()) is not None
-    assert meters.guard(object()) is None
+    assert base.guard(TrackerMeter()) is not None
+    assert base.guard(object()) is None
 
 
 # -- the plugin: the oom verdict in every report

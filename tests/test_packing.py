@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from pytest_gpumem.packing import Demand, PackingScheduling
+from pytest_gpumem.xdist.packing import Demand, PackingScheduling
 
 MiB = 2**20
 
@@ -210,15 +210,15 @@ def test_workers_that_collected_different_tests_run_nothing_and_say_so():
 
 
 def test_a_worker_started_in_place_of_a_dead_one_takes_a_free_group():
-    from pytest_gpumem.pinning import group_for
+    from pytest_gpumem.xdist.pinning import group_for
 
     assert [group_for(w, 4, 2, []) for w in range(4)] == [0, 1, 0, 1]
     assert group_for(2, 2, 2, live=[0]) == 1  # gw1 (GPU 1) died; its replacement gw2 gets GPU 1, not GPU 0
 
 
 def test_a_test_needs_what_its_ranks_take_on_one_device_together():
-    from pytest_gpumem.sample import Baseline
-    from pytest_gpumem.workers import need
+    from pytest_gpumem.core.sample import Baseline
+    from pytest_gpumem.xdist.workers import need
 
     peaks = {"allocated": {"cuda:0": 10 * MiB, "rank0:cuda:0": 30 * MiB, "rank1:cuda:1": 35 * MiB}}
     assert need(Baseline(peaks, {"call": peaks}, software={}, recorded="", backend="cuda")) == 40 * MiB

@@ -18,7 +18,7 @@ import weakref
 
 import pytest
 
-from pytest_gpumem import meters
+from pytest_gpumem.measure import collector
 
 TRIVIAL = """
 import pytest, torch
@@ -141,24 +141,24 @@ class Cycle:
 @pytest.fixture
 def thawed():
     yield
-    meters.thaw()
+    collector.thaw()
 
 
 def test_frozen_garbage_is_collected_on_a_doubling_schedule(monkeypatch, thawed):
-    monkeypatch.setattr(meters, "FULL_AFTER", 4)
-    meters.thaw()
+    monkeypatch.setattr(collector, "FULL_AFTER", 4)
+    collector.thaw()
     freezes = 0
     fulls = []
     for _ in range(4):
         cycle = Cycle()
         gone = weakref.ref(cycle)
-        meters.freeze_between_tests()  # it outlived a test: frozen
+        collector.freeze_between_tests()  # it outlived a test: frozen
         freezes += 1
         del cycle
         gc.collect()
         assert gone() is not None  # the collector no longer sees it
         while gone() is not None:
-            meters.freeze_between_tests()
+            collector.freeze_between_tests()
             freezes += 1
             assert freezes < 100
         fulls.append(freezes)
@@ -183,17 +183,16 @@ def test_uses_it({name}):
 def test_a_full_collection_is_asked_for_a_wider_scope_only_where_a_device_holds_memory(pytester):
     pytester.makeconftest(
         """
-from pytest_gpumem import meters
 
 FULL = []
 
-ASK = meters.collect_fully_next
+ASK = collector.collect_fully_next
 
 def pytest_configure(config):
-    meters.collect_fully_next = lambda: (FULL.append(1), ASK())
+    collector.collect_fully_next = lambda: (FULL.append(1), ASK())
 
 def pytest_unconfigure(config):
-    meters.collect_fully_next = ASK
+    collector.collect_fully_next = ASK
 """
     )
     pytester.makepyfile(
@@ -201,7 +200,6 @@ def pytest_unconfigure(config):
         test_2_tensor=SCOPES.format(name="tensor", value="torch.ones(2**20, dtype=torch.uint8)"),
         test_3_counts="""
 import conftest
-from pytest_gpumem import meters
 
 def test_counts():
     assert conftest.FULL == [1]  # for the tensor's module, while the tensor was alive; not for None's

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_gpumem import workers
-from pytest_gpumem.pinning import PinningError, assign, groups, visible_devices, worker_index
-from pytest_gpumem.settings import resolve
-from pytest_gpumem.store import BaselineStore
+from pytest_gpumem.config.settings import resolve
+from pytest_gpumem.core.store import BaselineStore
+from pytest_gpumem.xdist import workers
+from pytest_gpumem.xdist.pinning import PinningError, assign, groups, visible_devices, worker_index
 
 
 @pytest.mark.parametrize(

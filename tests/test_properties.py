@@ -16,10 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pytest_gpumem import cli
-from pytest_gpumem.marker import parse_marker
+from pytest_gpumem.config.marker import parse_marker
+from pytest_gpumem.config.settings import OPTIONS, Option, Settings, resolve
+from pytest_gpumem.core.units import MAX_SIZE, BadValue, Tolerance, parse_size, parse_tolerance
 from pytest_gpumem.report import json_report
-from pytest_gpumem.settings import OPTIONS, Option, Settings, resolve
-from pytest_gpumem.units import MAX_SIZE, BadValue, Tolerance, parse_size, parse_tolerance
 
 FAST = settings(max_examples=300, deadline=None, database=None)  # no example database in the working tree
 

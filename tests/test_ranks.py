@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pytest_gpumem import ranks
-from pytest_gpumem.measurement import Measurement
-from pytest_gpumem.meters.tracker import TrackerMeter
-from pytest_gpumem.ranks import RankFileError, collect, measure_rank
+from pytest_gpumem.measure import ranks
+from pytest_gpumem.measure.measurement import Measurement
+from pytest_gpumem.measure.meters.tracker import TrackerMeter
+from pytest_gpumem.measure.ranks import RankFileError, collect, measure_rank
 
 MiB = 2**20
 SMALL = 1024 * 4  # the float32 tensor every rank all-reduces
@@ -70,7 +70,7 @@ def test_torchrun_ranks_that_call_measure_rank_are_reported(pytester):
         train_ranks=WORK
         + """
 import os
-from pytest_gpumem.ranks import measure_rank
+from pytest_gpumem.measure.ranks import measure_rank
 
 if __name__ == "__main__":
     measure_rank()

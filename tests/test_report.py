@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from pytest_gpumem.core.sample import STATUSES, Baseline, Sample, TestResult, Verdict
 from pytest_gpumem.report import json_report, markdown, terminal
 from pytest_gpumem.report.table import cells, counts_line, delta_cell, notes
-from pytest_gpumem.sample import STATUSES, Baseline, Sample, TestResult, Verdict
 
 MiB = 2**20
 GiB = 2**30

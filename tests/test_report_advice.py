@@ -5,6 +5,17 @@ from __future__ import annotations
 
 import pytest
 
+from pytest_gpumem.core.sample import (
+    LEVERS,
+    Advice,
+    Attribution,
+    Baseline,
+    Breakdown,
+    Lever,
+    Sample,
+    TestResult,
+    Verdict,
+)
 from pytest_gpumem.report import json_report, markdown, terminal
 from pytest_gpumem.report.table import (
     LEVER_NAMES,
@@ -17,7 +28,6 @@ from pytest_gpumem.report.table import (
     top_lever,
     where,
 )
-from pytest_gpumem.sample import LEVERS, Advice, Attribution, Baseline, Breakdown, Lever, Sample, TestResult, Verdict
 
 MiB = 2**20
 GiB = 2**30

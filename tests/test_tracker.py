@@ -7,8 +7,8 @@ import gc
 import pytest
 import torch
 
-from pytest_gpumem.measurement import Measurement
-from pytest_gpumem.meters.tracker import TrackerMeter
+from pytest_gpumem.measure.measurement import Measurement
+from pytest_gpumem.measure.meters.tracker import TrackerMeter
 
 MiB = 2**20
 

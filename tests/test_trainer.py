@@ -10,9 +10,11 @@ import warnings
 import pytest
 import torch
 
-from pytest_gpumem import meters, models, trainer
-from pytest_gpumem.introspect import Probe, inspect_setup
-from pytest_gpumem.measurement import Measurement, active
+from pytest_gpumem.config import backend
+from pytest_gpumem.measure import trainer
+from pytest_gpumem.measure.introspect import Probe, inspect_setup
+from pytest_gpumem.measure.measurement import Measurement, active
+from pytest_gpumem.models import loading
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -66,18 +68,18 @@ def make_trainer(tmp_path, model, **overrides):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return models.make_checkpoint(tmp_path_factory.mktemp("checkpoints"), "llama", "tiny")
+    return loading.make_checkpoint(tmp_path_factory.mktemp("checkpoints"), "llama", "tiny")
 
 
 def lora_model(checkpoint):
-    model = models.load(checkpoint, "bf16", True, "bfloat16", device_map=None)
-    return models.add_lora(model, r=4, gradient_checkpointing=False)
+    model = loading.load(checkpoint, "bf16", True, "bfloat16", device_map=None)
+    return loading.add_lora(model, r=4, gradient_checkpointing=False)
 
 
 def test_a_trainer_run_registers_the_model_optimizer_knobs_and_one_phase_per_step(tmp_path, checkpoint, installed):
     model = lora_model(checkpoint)
     probe = Probe(model)
-    measurement = Measurement(meters.create("cpu"))
+    measurement = Measurement(backend.create("cpu"))
     try:
         measurement.registration.knobs["batch"] = 7  # a test's own registration wins over the Trainer's
         measurement.enter("call")
@@ -125,7 +127,7 @@ def test_a_step_left_open_by_stopping_early_is_closed_at_train_end(tmp_path, che
             raise KeyboardInterrupt  # stands for anything that ends a step before on_step_end
 
     model = lora_model(checkpoint)
-    measurement = Measurement(meters.create("cpu"))
+    measurement = Measurement(backend.create("cpu"))
     try:
         measurement.enter("call")
         run = make_trainer(tmp_path, model, bf16=False)
@@ -173,12 +175,12 @@ def test_the_plugin_installs_the_callback_for_every_measured_test(pytester, chec
     pytester.makepyfile(
         test_hf=f"""
         import pytest, transformers, warnings
-        from pytest_gpumem import models
+        from pytest_gpumem.models import loading
         from tests_trainer_support import make_trainer
 
         @pytest.mark.gpumem
         def test_train(tmp_path, gpumem):
-            model = models.add_lora(models.load({str(checkpoint)!r}, "bf16", True, "bfloat16", None), r=4,
+            model = loading.add_lora(loading.load({str(checkpoint)!r}, "bf16", True, "bfloat16", None), r=4,
                                     gradient_checkpointing=False)
             make_trainer(tmp_path, model).train()
         """,

@@ -7,20 +7,20 @@ import contextlib
 import pytest
 import torch
 
-from pytest_gpumem import models
-from pytest_gpumem.training import train_steps
+from pytest_gpumem.models import loading
+from pytest_gpumem.models.training import train_steps
 
 pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return models.make_checkpoint(tmp_path_factory.mktemp("checkpoints"), "llama", "tiny")
+    return loading.make_checkpoint(tmp_path_factory.mktemp("checkpoints"), "llama", "tiny")
 
 
 def lora_model(checkpoint, quant: str = "fp32"):
     # An fp32 model computes in fp32 unless autocast says otherwise: the dtype tells them apart.
-    return models.add_lora(models.load(checkpoint, quant, False, "float32", None), r=4, gradient_checkpointing=False)
+    return loading.add_lora(loading.load(checkpoint, quant, False, "float32", None), r=4, gradient_checkpointing=False)
 
 
 def logits_dtypes(model, **knobs) -> set[torch.dtype]:
@@ -86,7 +86,9 @@ def optimizer_state_dtypes(model, optimizer: str) -> set[torch.dtype]:
 def test_optimizer_state_is_what_the_optimizer_keeps(checkpoint, optimizer, dtypes):
     pytest.importorskip("bitsandbytes")
     # r=32 makes each LoRA matrix 4096 elements or more: bitsandbytes keeps smaller ones in float32.
-    model = models.add_lora(models.load(checkpoint, "fp32", False, "float32", None), r=32, gradient_checkpointing=False)
+    model = loading.add_lora(
+        loading.load(checkpoint, "fp32", False, "float32", None), r=32, gradient_checkpointing=False
+    )
     # The tiny model is on the CPU, where bitsandbytes runs a paged optimizer unpaged, and says so.
     paged_on_cpu = pytest.warns(UserWarning, match="Paged optimizers are not supported on CPU")
     with paged_on_cpu if optimizer == "paged_adamw8bit" else contextlib.nullcontext():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_gpumem.units import (
+from pytest_gpumem.core.units import (
     BadValue,
     Tolerance,
     format_bytes,

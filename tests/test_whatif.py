@@ -8,9 +8,11 @@ import weakref
 import pytest
 import torch
 
-from pytest_gpumem import meters, models, training
-from pytest_gpumem.measurement import Registration
-from pytest_gpumem.whatif import accepted_knobs, make_measure, step_arguments
+from pytest_gpumem.advise.whatif import accepted_knobs, make_measure, step_arguments
+from pytest_gpumem.config import backend
+from pytest_gpumem.measure.measurement import Registration
+from pytest_gpumem.measure.meters import base
+from pytest_gpumem.models import loading, training
 
 pytest.importorskip("transformers")
 
@@ -19,13 +21,13 @@ KNOBS = {"batch": 4, "seq": 32, "steps": 2, "accumulation": 1, "gradient_checkpo
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return models.make_checkpoint(tmp_path_factory.mktemp("checkpoints"), "llama", "tiny")
+    return loading.make_checkpoint(tmp_path_factory.mktemp("checkpoints"), "llama", "tiny")
 
 
 @pytest.fixture
 def model(checkpoint):
-    loaded = models.load(checkpoint, "nf4", True, "bfloat16", None)
-    return models.add_lora(loaded, r=8, gradient_checkpointing=False)
+    loaded = loading.load(checkpoint, "nf4", True, "bfloat16", None)
+    return loading.add_lora(loaded, r=8, gradient_checkpointing=False)
 
 
 def registered(model, step=None, **knobs) -> Registration:
@@ -34,8 +36,8 @@ def registered(model, step=None, **knobs) -> Registration:
     return registration
 
 
-def cpu_meter() -> meters.Meter:
-    return meters.create("cpu")
+def cpu_meter() -> base.Meter:
+    return backend.create("cpu")
 
 
 def trainable(model) -> dict[str, torch.Tensor]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..estimate import Estimate
-from ..sample import CONSUMERS
-from ..units import format_bytes
+from pytest_gpumem.core.sample import CONSUMERS
+from pytest_gpumem.core.units import format_bytes
+from pytest_gpumem.estimate.engine import Estimate
 
 
 def _aligned(rows: Sequence[tuple[str, ...]], right: tuple[int, ...] = (1,)) -> list[str]:

@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..atomic import write_atomic
-from ..history import EXTRA_HINT, HistoryError, Series, Step, Trend
-from ..sample import METRICS
-from ..units import format_bytes, format_delta, format_percent
+from pytest_gpumem.ci.history import EXTRA_HINT, HistoryError, Series, Step, Trend
+from pytest_gpumem.core.atomic import write_atomic
+from pytest_gpumem.core.sample import METRICS
+from pytest_gpumem.core.units import format_bytes, format_delta, format_percent
 
 TREND_COLUMNS = ("test", "metric", "hardware", "runs", "first", "last", "change", "min", "max")
 _MAX_TICKS = 24

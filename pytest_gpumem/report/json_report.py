@@ -7,7 +7,7 @@ import os
 from collections import Counter
 from typing import Any
 
-from ..sample import STATUSES, TestResult
+from pytest_gpumem.core.sample import STATUSES, TestResult
 
 SCHEMA = "pytest-gpumem/results/v1"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from ..sample import TestResult
-from .table import (
+from pytest_gpumem.core.sample import TestResult
+from pytest_gpumem.report.table import (
     COLUMNS,
     DEVICE_COLUMNS,
     NUMERIC,

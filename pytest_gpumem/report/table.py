@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable
 
-from ..sample import (
+from pytest_gpumem.core.sample import (
     CONSUMERS,
     FAILING,
     Advice,
@@ -23,7 +23,7 @@ from ..sample import (
     TestResult,
     Verdict,
 )
-from ..units import format_bytes, format_delta, format_percent
+from pytest_gpumem.core.units import format_bytes, format_delta, format_percent
 
 COLUMNS = ("test", "metric", "peak", "baseline", "delta", "budget", "verdict", "largest consumer")
 DEVICE_COLUMNS = ("device", "now", "baseline", "delta", "budget", "verdict")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..sample import Leak, TestResult
-from ..units import format_bytes, format_delta
-from .table import (
+from pytest_gpumem.core.sample import Leak, TestResult
+from pytest_gpumem.core.units import format_bytes, format_delta
+from pytest_gpumem.report.table import (
     COLUMNS,
     DEVICE_COLUMNS,
     NUMERIC,

@@ -7,8 +7,9 @@ import pickle
 import pytest
 import torch
 
-from pytest_gpumem import meters, models, training
-from pytest_gpumem.measurement import Measurement
+from pytest_gpumem.config import backend
+from pytest_gpumem.measure.measurement import Measurement
+from pytest_gpumem.models import loading, training
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU: compares the attribution with the CUDA allocator"
@@ -17,13 +18,13 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def meter():
-    return meters.create("cuda")
+    return backend.create("cuda")
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    return {size: models.ensure_checkpoint(root, "llama", size) for size in ("tiny", "1b")}
+    return {size: loading.ensure_checkpoint(root, "llama", size) for size in ("tiny", "1b")}
 
 
 @pytest.mark.parametrize(
@@ -39,8 +40,8 @@ def test_consumers_add_up_to_the_allocator_peak(meter, checkpoints, size, quant,
     measurement = Measurement(meter)
     measurement.enter("call")
     with measurement.stage("load"):
-        model = models.load(checkpoints[size], quant, True, "bfloat16", {"": 0})
-    model = models.add_lora(model, r=16, gradient_checkpointing=checkpointing)
+        model = loading.load(checkpoints[size], quant, True, "bfloat16", {"": 0})
+    model = loading.add_lora(model, r=16, gradient_checkpointing=checkpointing)
     params = sum(p.nbytes for p in model.parameters())
     training.train_steps(model, batch=batch, seq=seq, steps=2, phase=measurement.phase)
     measurement.exit("call")

@@ -16,7 +16,7 @@ MiB = 2**20
 
 @pytest.fixture(scope="module")
 def meter():
-    from pytest_gpumem.meters.cuda import CudaMeter
+    from pytest_gpumem.measure.meters.cuda import CudaMeter
 
     return CudaMeter()
 

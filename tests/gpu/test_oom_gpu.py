@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from pytest_gpumem import models
+from pytest_gpumem.models import loading
 
 DRY = os.environ.get("GPUMEM_OOM_DRY_RUN") == "1"
 BACKEND = "cpu" if DRY else "cuda"
@@ -73,7 +73,7 @@ def test_checkpointed(quantized_model, lora, train_step):
 
 
 def test_a_qlora_step_fits_at_one_limit_and_names_the_lever_at_a_smaller_one(pytester, tmp_path_factory, monkeypatch):
-    checkpoint = models.ensure_checkpoint(tmp_path_factory.mktemp("models"), "llama", SIZE)
+    checkpoint = loading.ensure_checkpoint(tmp_path_factory.mktemp("models"), "llama", SIZE)
     monkeypatch.setenv("GPUMEM_OOM_CHECKPOINT", str(checkpoint))
     pytester.makepyfile(test_step=STEP.format(batch=BATCH, seq=SEQ, plain="", plain_small="", checkpointed=""))
     result, free = run(pytester, "unlimited", "-k", "not plain_small")

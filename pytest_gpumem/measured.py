@@ -1,0 +1,244 @@
+"""One measured test, from its setup to its teardown: what the plugin keeps in ``item.stash``.
+
+The hooks only call into it. The test is measured through its setup and its
+call; right after its body (inside the call phase, so under pytest's output
+capture and pytest-timeout's timer) it is judged, and a test that failed on
+memory is explained: the retry search and the advisor's what-ifs run the
+test's training step again there. After its teardown, what it left alive is
+judged as a leak. The report then only carries the result.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from pytest_gpumem.advise import advisor, findings, whatif
+from pytest_gpumem.config.marker import parse_marker
+from pytest_gpumem.config.settings import Settings
+from pytest_gpumem.core.judge import judge, needed
+from pytest_gpumem.core.sample import LEAK_FLAG, Advice, Environment, Leak, OutOfMemory, Spec, TestResult, largest
+from pytest_gpumem.core.store import BaselineStore
+from pytest_gpumem.core.units import BadValue
+from pytest_gpumem.measure import collector, introspect, snapshot, trainer
+from pytest_gpumem.measure.measurement import Measurement
+from pytest_gpumem.measure.meters.base import Meter, guard
+from pytest_gpumem.models.training import GpuMemWarning
+from pytest_gpumem.oom import capture
+from pytest_gpumem.oom.fit import retry
+from pytest_gpumem.oom.leak import check_leak
+from pytest_gpumem.report.terminal import leak_message
+
+
+@dataclass
+class Context:
+    """What a measured test needs of the run: its settings, its meter and environment (made when the first
+    measured test runs), its baselines, and how to make another meter for a re-run."""
+
+    settings: Settings
+    meter: Meter
+    environment: Environment
+    store: BaselineStore
+    new_meter: Callable[[], Meter]
+    errors: list[str] = field(default_factory=list)
+
+
+class MeasuredTest:
+    """The measurement, verdict and advice of one test (see the module's docstring)."""
+
+    def __init__(self, item: pytest.Item) -> None:
+        self.item = item
+        self.spec: Spec | None = None
+        self.error: str | None = None  # a marker or device limit that cannot be used: the setup fails with it
+        self.measurement: Measurement | None = None
+        self.oom: OutOfMemory | None = None  # the out-of-memory error that ended the setup or the call
+        self.result: TestResult | None = None
+        self.leak: Leak | None = None
+        self.longrepr: Any = None  # the failure, rendered before its frames were freed
+
+    # -- setup and call
+
+    def start(self, context: Context) -> bool:
+        """Parse the marker and start measuring; False (with :attr:`error` set) where it cannot."""
+        marker = self.item.get_closest_marker("gpumem")
+        settings = context.settings
+        try:
+            self.spec = parse_marker(
+                marker.args if marker else (),
+                marker.kwargs if marker else {},
+                default_tolerance=settings.tolerance,
+                metrics=context.meter.metrics,
+                backend=context.meter.backend,
+                where=f"gpumem marker of {self.item.nodeid}",
+                default_device_limit=settings.device_limit,
+                default_leak=settings.leak,
+            )
+        except BadValue as exc:
+            self.error = str(exc)
+            return False
+        collector.freeze_between_tests()  # later collections skip what earlier tests left (see collector)
+        try:
+            self.measurement = Measurement(
+                context.meter, snapshot=settings.snapshot is not None, limit=self.spec.device_limit
+            )
+        except ValueError as exc:  # a device limit this backend or device cannot enforce
+            self.error = f"gpumem: {self.item.nodeid}: {exc}"
+            return False
+        trainer.install()  # a transformers Trainer made by the test reports its model, optimizer and steps
+        return True
+
+    def failed_with(self, error: BaseException) -> None:
+        """Keep the out-of-memory error that ended the setup or the call, while the tracker still knows the
+        moment it failed."""
+        assert self.measurement is not None
+        m = self.measurement
+        found = capture.capture(error, m.backend, m.limit, m.attributor)
+        if found is not None:
+            self.oom = found
+
+    def conclude(self, context: Context, error: BaseException | None) -> None:
+        """Judge the test once its body (or its failed setup) is over, and explain a memory failure: free
+        what the failure holds, search the retry knob, ask the advisor, write the snapshot."""
+        measurement = self.measurement
+        if measurement is None or isinstance(error, pytest.skip.Exception):
+            return
+        measurement.finish()
+        if self._unseen(context, measurement):
+            return
+        result = self._judge(context, measurement, passed=error is None)
+        result.fits = list(measurement.fits)
+        kept: list[Any] = []
+        if result.verdict.oom is not None:
+            kept = self._free_failure(error, measurement)
+            assert self.spec is not None
+            if self.spec.retry_on_oom is not None:
+                result.fits.append(self._retry(context, measurement, self.spec))
+        result.advice = self._advise(context, measurement, result)
+        del kept  # the model and optimizers kept alive for the retry and the what-ifs
+        if context.settings.snapshot is not None and result.verdict.status in ("regression", "over_budget"):
+            result.snapshot = self._write_snapshot(context, measurement)
+        self.result = result
+
+    def _unseen(self, context: Context, measurement: Measurement) -> bool:
+        """Whether the meter could not see the test at all (the estimate backend, for a test whose tensors are
+        all real): then it says so in one warning naming the test, and nothing is judged or recorded."""
+        blind_spot = getattr(context.meter, "blind_spot", None)
+        message = blind_spot(self.item.nodeid) if blind_spot is not None else None
+        if message is None:
+            return False
+        self._warn(message)
+        return True
+
+    def _judge(self, context: Context, measurement: Measurement, passed: bool) -> TestResult:
+        env, store, nodeid = context.environment, context.store, self.item.nodeid
+        assert self.spec is not None
+        baseline = store.lookup(env.hardware, nodeid)
+        sample = measurement.finish()
+        verdict = judge(
+            sample,
+            self.spec,
+            baseline,
+            env.software,
+            other_hardware=[hw for hw in store.hardware_with(nodeid) if hw != env.hardware],
+            oom=self.oom,
+        )
+        return TestResult(nodeid, env.hardware, sample, verdict, passed, baseline)
+
+    def _free_failure(self, error: BaseException | None, measurement: Measurement) -> list[Any]:
+        """Free what a test that ran out of memory still holds through its traceback (the failed step's
+        tensors), keeping its registered model and optimizers, which the retry and the what-ifs run again.
+        The failure is rendered first, as pytest would render it, since its frames' locals go. Under --pdb
+        the frames are left for the debugger."""
+        kept = [*measurement.registration.models, *measurement.registration.optimizers]
+        if error is not None and not self.item.config.getoption("usepdb", False):
+            self.longrepr = self.item.repr_failure(pytest.ExceptionInfo.from_exception(error))
+            capture.drop_frames(error)
+        capture.release_cached()
+        return kept
+
+    def _retry(self, context: Context, measurement: Measurement, spec: Spec) -> Any:
+        """Search the registered step's ``retry_on_oom`` knob down, under the test's device limit."""
+        assert spec.retry_on_oom is not None
+        meter_guard = guard(context.meter)
+        held = max((meter_guard.leftover() if meter_guard else {}).values(), default=0)
+        return retry(measurement.registration, spec.retry_on_oom, spec.device_limit, context.new_meter, held)
+
+    def _advise(self, context: Context, measurement: Measurement, result: TestResult) -> Advice | None:
+        """The advisor's levers: for tests that fail on memory; for every test with --gpumem-explain=all.
+        Savings are measured by re-running a registered step unless --gpumem-explain=none."""
+        policy = context.settings.explain
+        if not (result.verdict.failed or policy == "all"):
+            return None
+        registration = measurement.registration
+        setup = introspect.inspect_setup(
+            registration.models, registration.optimizers, registration.knobs, measurement.probe
+        )
+        measure = None
+        if policy != "none" and not registration.models_freed:  # a what-if needs the model alive after the test
+            measure = whatif.make_measure(registration, context.new_meter)
+        # Out of memory, the levers act on the peak the test asked for: what was alive at the failure and the
+        # request; what they must free is the larger of the request's shortfall and the whole step's overshoot.
+        failure = result.verdict.oom
+        meter_guard = guard(context.meter)
+        if failure is not None and measure is not None and meter_guard is not None:
+            measure = capture.remembering(measure)
+            failure.overshoot = capture.overshoot(failure, measure, meter_guard.in_use().get(failure.device, 0))
+        return advisor.advise(
+            capture.demand(failure) if failure is not None else result.sample.attribution,
+            setup,
+            findings.findings(setup),
+            needed(result.verdict),
+            registration.knobs,
+            measure,
+        )
+
+    def _write_snapshot(self, context: Context, measurement: Measurement) -> str:
+        target = context.settings.snapshot
+        if measurement.snapshot is None or target is None:
+            return ""
+        try:
+            return str(snapshot.write(measurement.snapshot, target, self.item.nodeid))
+        except OSError as exc:
+            context.errors.append(f"gpumem: could not write the memory snapshot of {self.item.nodeid}: {exc}")
+            return ""
+
+    # -- teardown
+
+    def stop(self) -> None:
+        """Stop measuring (a failed setup leaves the measurement running)."""
+        if self.measurement is not None:
+            self.measurement.finish()
+            trainer.uninstall()
+
+    def check_leak(self, context: Context) -> None:
+        """After the test's teardown: free what can be freed (pytest's hold on a failure, the fixture values,
+        the allocator's cache), then judge what the test still left alive as a leak."""
+        meter_guard = guard(context.meter)
+        measurement, spec = self.measurement, self.spec
+        if meter_guard is None or measurement is None or spec is None or spec.leak is False:
+            return
+        measurement.release()
+        # pytest drops the fixture values right after the teardown's hooks (the fixtures are finalized by
+        # now); drop them here, or a model a fixture returned would look left behind.
+        funcargs = getattr(self.item, "funcargs", None)
+        if isinstance(funcargs, dict):
+            funcargs.clear()
+        peak = largest(measurement.phases.get("call", {}), "allocated") or 0
+        leak = check_leak(meter_guard.leftover(), spec.leak, peak, LEAK_FLAG)
+        if leak is not None and leak.flagged:
+            # Only after a full collection: what the test left may be held by cyclic garbage of objects that
+            # outlived earlier tests, which the collection after every test no longer scans (see collector).
+            collector.collect_all()
+            leak = check_leak(meter_guard.leftover(), spec.leak, peak, LEAK_FLAG)
+        self.leak = leak
+        if leak is not None and leak.flagged and not (leak.failed and not context.settings.warn_only):
+            self._warn(leak_message(leak))
+
+    def _warn(self, message: str) -> None:
+        """A warning attributed to the test's own line, which the warnings summary then shows."""
+        path, line, _ = self.item.location
+        warnings.warn_explicit(GpuMemWarning(message), GpuMemWarning, path, (line or 0) + 1)
