@@ -183,6 +183,7 @@ def test_uses_it({name}):
 def test_a_full_collection_is_asked_for_a_wider_scope_only_where_a_device_holds_memory(pytester):
     pytester.makeconftest(
         """
+from pytest_gpumem.measure import collector
 
 FULL = []
 
