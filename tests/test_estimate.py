@@ -72,11 +72,7 @@ def _cpu_step(path: Path) -> Any:
     measurement.register_model(model)
     measurement.exit("setup")
 
-    @contextlib.contextmanager
-    def phase(name: str) -> Iterator[None]:
-        with measurement.phase("call" if name == "step2" else "warmup"):
-            yield
-
+    phase = engine.warm_up_then_measure(measurement)
     training.train_steps(model, batch=TINY.batch, seq=TINY.seq, steps=2, phase=phase)
     return measurement.finish().attribution
 

@@ -110,3 +110,18 @@ def test_small(n):
     tests = json.loads((pytester.path / "out.json").read_text())["tests"]
     peaks = {t["nodeid"]: t["sample"]["phases"]["call"]["allocated"]["cpu"] for t in tests}
     assert peaks == {f"test_small.py::test_small[{n}]": n * 4096 for n in (1, 2, 3, 4)}
+
+
+def test_a_hung_re_run_is_stopped_by_pytest_timeouts_call_timer(pytester: pytest.Pytester) -> None:
+    """The advisor's re-runs are part of the call, so pytest-timeout's timer of the call alone
+    (``timeout_func_only``) stops one that hangs."""
+    pytest.importorskip("pytest_timeout")
+    pytester.makepyfile(
+        test_train=TRAIN.replace(
+            'print(f"RE-RUN', 'import time; time.sleep(600 if batch < 1024 or accumulation > 1 else 0); print(f"RE-RUN'
+        )
+    )
+    result = pytester.runpytest("-p", "pytest_timeout", "--timeout=5", "-o", "timeout_func_only=true")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*Timeout*"])
+    assert result.duration < 120

@@ -37,6 +37,7 @@ from typing import Any
 
 from pytest_gpumem.advise import advisor, findings
 from pytest_gpumem.advise.memory_model import (
+    LINEAR_NAMES,
     Precision,
     Shape,
     checkpoint_bytes,
@@ -440,6 +441,26 @@ class Step:
     checkpointing: str | None = None  # the variant the built model checkpoints with, read from it
 
 
+MEASURED_STEP = "step2"
+"""The step a fake run measures: the second, once the first has made the optimizer state resident."""
+
+
+def warm_up_then_measure(
+    measurement: Measurement, starting: Callable[[str], None] | None = None
+) -> Callable[[str], AbstractContextManager[None]]:
+    """The ``phase`` argument of a training loop (``train_steps``, :func:`plain_loop`) that records its first
+    step as ``warmup`` and :data:`MEASURED_STEP` as ``call``; ``starting(name)`` runs as each step begins."""
+
+    @contextlib.contextmanager
+    def phase(name: str) -> Iterator[None]:
+        if starting is not None:
+            starting(name)
+        with measurement.phase("call" if name == MEASURED_STEP else "warmup"):
+            yield
+
+    return phase
+
+
 def run_step(recipe: Recipe, gpu: Gpu, attribute: bool = True) -> Step:
     """Build and train the recipe on the fake GPU; raises whatever the fake run raises.
 
@@ -453,19 +474,15 @@ def run_step(recipe: Recipe, gpu: Gpu, attribute: bool = True) -> Step:
     measurement = Measurement(meter)
     resident = 0
 
-    @contextlib.contextmanager
-    def phase(name: str) -> Iterator[None]:
+    def starting(name: str) -> None:
         nonlocal resident
         tracker = meter.fake_device
         if name == "step1":
             tracker.lay_out(gpu.workspace_blocks)
-        if name != "step2":
-            with measurement.phase("warmup"):
-                yield
-            return
-        resident = tracker.current.get(DEVICE, 0)
-        with measurement.phase("call"):
-            yield
+        if name == MEASURED_STEP:
+            resident = tracker.current.get(DEVICE, 0)
+
+    phase = warm_up_then_measure(measurement, starting)
 
     knobs = knobs_of(recipe)
     try:
@@ -632,12 +649,11 @@ def analytic(recipe: Recipe, gpu: Gpu) -> Step:
         head_dim=head_dim,
         vocab=int(config.vocab_size),
     )
-    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     linear = shape.decoder_linear_params()
     quantized = recipe.quant in ("nf4", "fp4", "int8")
     embed = shape.vocab * hidden * (1 if getattr(config, "tie_word_embeddings", False) else 2)
     other = embed + shape.layers * 2 * hidden + hidden
-    lora = sum(lora_tensor_sizes(shape, recipe.lora_r, names))
+    lora = sum(lora_tensor_sizes(shape, recipe.lora_r, LINEAR_NAMES))
     if recipe.quant in ("nf4", "fp4"):
         weights = nf4_bytes(linear, recipe.double_quant) + other * 4 + lora * 4
     elif recipe.quant == "int8":
@@ -654,7 +670,7 @@ def analytic(recipe: Recipe, gpu: Gpu) -> Step:
         adapter=4,
         quantized=quantized,
         lora_r=recipe.lora_r,
-        lora_targets=names,
+        lora_targets=LINEAR_NAMES,
     )
     per_layer = layer_bytes(shape, precision, "sdpa", "cuda")
     tokens = recipe.batch * recipe.seq
@@ -689,7 +705,7 @@ def analytic(recipe: Recipe, gpu: Gpu) -> Step:
         checkpointing_effective=recipe.gradient_checkpointing,
         quant=recipe.quant if quantized else None,
         lora_r=recipe.lora_r,
-        lora_targets=list(names),
+        lora_targets=list(LINEAR_NAMES),
         lora_modules=7 * shape.layers,
         lora_params=lora,
         total_params=linear + other + lora,
