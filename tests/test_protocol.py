@@ -121,7 +121,7 @@ def test_a_hung_re_run_is_stopped_by_pytest_timeouts_call_timer(pytester: pytest
             'print(f"RE-RUN', 'import time; time.sleep(600 if batch < 1024 or accumulation > 1 else 0); print(f"RE-RUN'
         )
     )
-    result = pytester.runpytest("-p", "pytest_timeout", "--timeout=5", "-o", "timeout_func_only=true")
+    result = pytester.runpytest("--timeout=5", "-o", "timeout_func_only=true")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*Timeout*"])
     assert result.duration < 120
