@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -20,11 +20,14 @@ import pytest
 from pytest_gpumem.advise import advisor, findings, whatif
 from pytest_gpumem.config.marker import parse_marker
 from pytest_gpumem.config.settings import Settings
+from pytest_gpumem.core.gpus import Gpu
 from pytest_gpumem.core.judge import judge, needed
 from pytest_gpumem.core.sample import LEAK_FLAG, Advice, Environment, Leak, OutOfMemory, Spec, TestResult, largest
 from pytest_gpumem.core.store import BaselineStore
 from pytest_gpumem.core.units import BadValue
+from pytest_gpumem.estimate.replay import Replay, plan
 from pytest_gpumem.measure import collector, introspect, snapshot, trainer
+from pytest_gpumem.measure.introspect import TrainingSetup
 from pytest_gpumem.measure.measurement import Measurement
 from pytest_gpumem.measure.meters.base import Meter, guard
 from pytest_gpumem.models.training import GpuMemWarning
@@ -44,6 +47,7 @@ class Context:
     environment: Environment
     store: BaselineStore
     new_meter: Callable[[], Meter]
+    replay_gpu: Gpu  # the GPU a test's own model is replayed as, where it registered no step
     errors: list[str] = field(default_factory=list)
 
 
@@ -174,27 +178,70 @@ class MeasuredTest:
         if not (result.verdict.failed or policy == "all"):
             return None
         registration = measurement.registration
-        setup = introspect.inspect_setup(
-            registration.models, registration.optimizers, registration.knobs, measurement.probe
-        )
-        measure = None
+        found = measurement.discovery.trained()
+        if registration.models or found is None:
+            setup = introspect.inspect_setup(
+                registration.models, registration.optimizers, registration.knobs, measurement.probe
+            )
+        else:
+            # The test's own model, found by discovery: read live, or as it was at its first forwards where
+            # the test freed it (a model made in the test function is gone when the function returns).
+            optimizers = registration.optimizers or measurement.discovery.optimizers
+            if found.model is not None:
+                setup = introspect.inspect_setup([found.model], optimizers, registration.knobs, found.probe)
+            else:
+                setup = introspect.add_observed(
+                    replace(found.setup or TrainingSetup()), registration.knobs, found.probe
+                )
+        if found is not None and (not registration.models or found.model is registration.models[0]):
+            setup.grad_forwards, setup.backward = found.calls.grad_forwards, found.calls.backward
+        measure, measured_as, replay, knobs = None, "measured", None, registration.knobs
         if policy != "none" and not registration.models_freed:  # a what-if needs the model alive after the test
             measure = whatif.make_measure(registration, context.new_meter)
+        if measure is None and policy != "none" and found is not None and found.config is not None and setup.backward:
+            replay, _why = plan(found.config, setup, context.replay_gpu, context.meter.backend == "cuda")
+            if replay is not None:
+                measure, measured_as, knobs = replay.measure, "replayed", replay.knobs
         # Out of memory, the levers act on the peak the test asked for: what was alive at the failure and the
         # request; what they must free is the larger of the request's shortfall and the whole step's overshoot.
         failure = result.verdict.oom
         meter_guard = guard(context.meter)
-        if failure is not None and measure is not None and meter_guard is not None:
+        if failure is not None and replay is not None and failure.limit is not None:
+            # The replay's peak is absolute (the model included): the need is what it passes the limit by.
+            try:
+                failure.overshoot = max(0, replay.measure({}) - failure.limit)
+            except Exception:  # noqa: BLE001 - the request's shortfall then stands alone
+                pass
+        elif failure is not None and measure is not None and meter_guard is not None:
             measure = capture.remembering(measure)
             failure.overshoot = capture.overshoot(failure, measure, meter_guard.in_use().get(failure.device, 0))
-        return advisor.advise(
+        advice = advisor.advise(
             capture.demand(failure) if failure is not None else result.sample.attribution,
             setup,
             findings.findings(setup),
             needed(result.verdict),
-            registration.knobs,
+            knobs,
             measure,
+            measured_as,
         )
+        if replay is not None:
+            advice.replay = self._fidelity(replay, result)
+        return advice
+
+    @staticmethod
+    def _fidelity(replay: Replay, result: TestResult) -> str:
+        """The replay's own peak (no lever) beside the measured one; nothing where the replay failed."""
+        try:
+            replayed = replay.measure({})
+        except Exception as error:  # noqa: BLE001 - the levers then said why they were not replayed
+            return f"the replay of this model failed ({type(error).__name__}); its levers are estimated"
+        finally:
+            replay.directory.cleanup()
+        # Absolute, as the replay's: what was resident when the test began plus the test's own peak.
+        call = result.sample.phases.get("call", {}).get("allocated", {})
+        before = result.sample.before.get("allocated", {})
+        measured = max((before.get(device, 0) + peak for device, peak in call.items()), default=0)
+        return replay.fidelity(measured, replayed)
 
     def _write_snapshot(self, context: Context, measurement: Measurement) -> str:
         target = context.settings.snapshot

@@ -29,7 +29,7 @@ from pytest_gpumem.fixtures import (  # noqa: F401  (the fixtures are registered
     train_step,
 )
 from pytest_gpumem.measure import collector
-from pytest_gpumem.measure.machine import hardware_key, software_versions
+from pytest_gpumem.measure.machine import hardware_key, replay_gpu, software_versions
 from pytest_gpumem.measure.meters.base import guard
 from pytest_gpumem.measured import Context, MeasuredTest
 from pytest_gpumem.report.terminal import failure_message, leak_message
@@ -139,6 +139,7 @@ class GpuMemPlugin:
                 environment=Environment(meter.backend, hardware, software_versions()),
                 store=self.store,
                 new_meter=lambda: backend.create(meter.backend, attribute=False, gpu=settings.estimate_gpu),
+                replay_gpu=replay_gpu(meter.backend, settings.estimate_gpu),
                 errors=self.results.errors,
             )
         return self._context

@@ -23,6 +23,7 @@ from pytest_gpumem.core import gpus
 from pytest_gpumem.core.units import BadValue
 from pytest_gpumem.estimate import engine
 from pytest_gpumem.estimate.meter import EstimateTracker, FakeCuda, attention_kernel
+from pytest_gpumem.measure import introspect
 from pytest_gpumem.measure.measurement import Measurement
 from pytest_gpumem.measure.meters.tracker import WEIGHTS, block_size
 from pytest_gpumem.models import loading, presets, training
@@ -318,7 +319,7 @@ def test_the_checkpointing_variant_is_the_one_peft_sets_and_is_read_back(tiny_ch
 
     with engine._quiet():
         real = prepare_model_for_kbit_training(loading.load(tiny_checkpoint, "nf4", True, "bfloat16", None))
-    assert engine.checkpointing_variant(real) == "reentrant"
+    assert introspect.checkpointing_variant(real) == "reentrant"
     for variant in engine.CHECKPOINTING:
         recipe = dataclasses.replace(TINY, gradient_checkpointing=True, checkpointing=variant)
         step = engine.run_step(recipe, H100, attribute=False)

@@ -334,7 +334,38 @@ def _fix_levers(s: Situation | None, findings: list[FindingLike], knobs: dict[st
         )
     if "quant_incomplete" in keys:
         levers.append(_quant_incomplete_fix(s))
+    if "inference_with_grad" in keys:
+        levers.append(_inference_mode_fix(s))
+    if "fp32_weights" in keys:
+        levers.append(_half_weights_fix(s))
     return levers
+
+
+def _inference_mode_fix(s: Situation | None) -> Candidate:
+    """A forward with autograd on and no backward: under ``torch.inference_mode()`` a decoder layer's
+    activations are freed as the next layer runs, so of the layers' activations one layer's stay."""
+    action = "run the forward under torch.inference_mode() (nothing calls backward)"
+    if s is None or s.shape is None or not s.layer_activations:
+        return Candidate("fix", action, None, "")
+    layers = s.shape.layers
+    return Candidate(
+        "fix",
+        action,
+        Effect(layer=1 / layers),
+        f"layer activations {_fmt(s.layer_activations)} kept for backward; 1 of {layers} layers' at a time",
+    )
+
+
+def _half_weights_fix(s: Situation | None) -> Candidate:
+    """Weights loaded in float32 where the config names a half dtype: loading them in it halves them."""
+    setup = s.setup if s else None
+    dtype = setup.config_dtype if setup else None
+    action = f"load the model in {dtype} (from_pretrained(..., dtype=torch.{dtype}))"
+    if s is None or setup is None or not s.peak.weights or not setup.weight_bytes:
+        return Candidate("fix", action, None, "")
+    halved = min(s.peak.weights, setup.weight_bytes) / 2
+    factor = max(0.0, 1 - halved / s.peak.weights)
+    return Candidate("fix", action, Effect(weights=factor), f"float32 weights {_fmt(setup.weight_bytes)} halve")
 
 
 def _use_cache_fix(s: Situation | None) -> Candidate:
@@ -627,12 +658,13 @@ def _reason(error: BaseException) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
-def _run(c: Candidate, measure: Callable[..., int]) -> tuple[int, str]:
+def _run(c: Candidate, measure: Callable[..., int], measured_as: str) -> tuple[int, str]:
     """The peak of ``c``'s run and how it ran. A step that takes ``batch`` but not ``accumulation`` runs one
     micro-batch of the smaller batch, with the gradients the micro-batches before it leave alive."""
     assert c.overrides is not None
+    ran = "replayed the model on fake tensors" if measured_as == "replayed" else "re-ran the step"
     try:
-        return measure(c.overrides), f"re-ran the step with {_knob_text(c.overrides)}"
+        return measure(c.overrides), f"{ran} with {_knob_text(c.overrides)}"
     except MissingKnob as missing:
         if not (c.key == "batch" and missing.knob == "accumulation"):
             raise
@@ -644,7 +676,7 @@ def _run(c: Candidate, measure: Callable[..., int]) -> tuple[int, str]:
     return measure(one, gradients_alive=True), how
 
 
-def _measure_all(levers: list[Candidate], measure: Callable[..., int]) -> None:
+def _measure_all(levers: list[Candidate], measure: Callable[..., int], measured_as: str) -> None:
     """Measure every lever that is a knob of the step: the reference run once, then one run per lever."""
     knob_levers = [c for c in levers if c.overrides]
     if not knob_levers:
@@ -657,7 +689,7 @@ def _measure_all(levers: list[Candidate], measure: Callable[..., int]) -> None:
         return
     for c in knob_levers:
         try:
-            run, how = _run(c, measure)
+            run, how = _run(c, measure, measured_as)
         except MissingKnob as missing:  # not a failure: the step has no way to turn it
             c.note = f"not measured: the registered step takes no '{missing.knob}' argument"
             continue
@@ -668,11 +700,11 @@ def _measure_all(levers: list[Candidate], measure: Callable[..., int]) -> None:
         c.runs = f"{how}: peak {_fmt(reference)} -> {_fmt(run)}"
 
 
-def _lever(c: Candidate) -> Lever:
+def _lever(c: Candidate, measured_as: str) -> Lever:
     saving = c.saving
     assert saving is not None
     if c.measured is not None:
-        source, basis = "measured", c.runs
+        source, basis = measured_as, c.runs
     else:
         source, basis = "estimated", "; ".join(part for part in (c.note, c.basis) if part)
     if saving == 0:
@@ -727,6 +759,7 @@ def advise(
     needed: int | None,
     knobs: dict[str, Any],
     measure: Callable[..., int] | None = None,
+    measured_as: str = "measured",
 ) -> Advice:
     """The advice for one test: its findings (said first), every lever that applies with its saving, in
     order of cost to quality, and the cheapest combination that frees ``needed`` bytes.
@@ -737,7 +770,8 @@ def advise(
     ran with; ``measure``, where given, runs the step with knobs overridden and
     returns its peak (a :class:`pytest_gpumem.advise.whatif.Measure`; it is called with
     ``gradients_alive=True`` only after it raised MissingKnob): the levers that
-    are knobs are then measured, not estimated.
+    are knobs are then measured, not estimated. ``measured_as`` names how ``measure`` runs: ``measured``
+    (the test's registered step, run again) or ``replayed`` (the test's model on fake tensors).
     """
     s = situation(attribution, setup, knobs)
     levers = candidates(s, setup, findings, knobs)
@@ -745,7 +779,7 @@ def advise(
         if c.effect is not None and s is not None:
             c.estimate = s.saving(c.effect)
     if measure is not None:
-        _measure_all(levers, measure)
+        _measure_all(levers, measure, measured_as)
     if s is not None and s.modelled:
         for c in levers:
             if c.measured is None and c.basis:
@@ -755,7 +789,7 @@ def advise(
     chosen = recommend(levers, needed, s)
     return Advice(
         findings=[f.message for f in findings],
-        levers=[_lever(c) for c in levers],
+        levers=[_lever(c, measured_as) for c in levers],
         needed=needed,
         recommended=list(dict.fromkeys(c.key for c in chosen)),
     )

@@ -23,6 +23,8 @@ class Finding:
 FINDINGS = (
     "checkpointing_eval",
     "checkpointing_ineffective",
+    "inference_with_grad",
+    "fp32_weights",
     "use_cache",
     "fp32_hidden",
     "fp32_logits",
@@ -56,6 +58,25 @@ def findings(setup: TrainingSetup) -> list[Finding]:
                 f"gradient checkpointing is enabled and the model is in train mode, but none of {layers} was "
                 "recomputed in backward, so it saves nothing: enable it with model.gradient_checkpointing_enable() "
                 "(not by setting a gradient_checkpointing attribute) on a model whose layers support it",
+            )
+        )
+    if setup.grad_forwards and setup.backward is False:
+        forwards = f"{setup.grad_forwards} forward pass{'es' if setup.grad_forwards > 1 else ''}"
+        found.append(
+            Finding(
+                "inference_with_grad",
+                f"the model ran {forwards} with autograd on ({shape or 'its inputs'}) and nothing called backward: "
+                f"{layers} kept their activations for a backward that never came: run inference under "
+                "torch.inference_mode() (or torch.no_grad())",
+            )
+        )
+    if setup.weight_dtype == "float32" and setup.config_dtype in HALF_DTYPES and setup.weight_bytes:
+        found.append(
+            Finding(
+                "fp32_weights",
+                f"the weights are float32 ({format_bytes(setup.weight_bytes)}) although the model's config names "
+                f"{setup.config_dtype}: load it with from_pretrained(..., dtype=torch.{setup.config_dtype}), "
+                "at half the size",
             )
         )
     if setup.use_cache and setup.training:

@@ -468,15 +468,17 @@ class Lever:
     """One way to give memory back, with what it saves on this test's peak.
 
     ``saving`` is the bytes the test's peak would drop by (negative: it would
-    grow); it is ``measured`` where the advisor re-ran the step with the lever
-    applied, else ``estimated`` from the attribution, and ``basis`` says how.
+    grow); it is ``measured`` where the advisor re-ran the test's registered
+    step with the lever applied, ``replayed`` where it ran the test's own model
+    on fake tensors with the lever applied (no step registered), else
+    ``estimated`` from the attribution, and ``basis`` says how.
     ``estimated`` is kept beside a measured saving so the two can be compared.
     """
 
     key: str
     action: str
     saving: int
-    source: str  # "measured" | "estimated"
+    source: str  # "measured" | "replayed" | "estimated"
     basis: str = ""
     estimated: int | None = None
 
@@ -502,6 +504,7 @@ class Advice:
     levers: list[Lever] = field(default_factory=list)
     needed: int | None = None
     recommended: list[str] = field(default_factory=list)
+    replay: str = ""  # how faithful the replay on fake tensors is, where levers were replayed
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -509,6 +512,7 @@ class Advice:
             "levers": [lever.to_dict() for lever in self.levers],
             "needed": self.needed,
             "recommended": self.recommended,
+            "replay": self.replay,
         }
 
     @classmethod
@@ -518,6 +522,7 @@ class Advice:
             levers=[Lever.from_dict(lever) for lever in data.get("levers", [])],
             needed=data.get("needed"),
             recommended=list(data.get("recommended", [])),
+            replay=str(data.get("replay", "")),
         )
 
 

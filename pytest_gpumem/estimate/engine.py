@@ -381,18 +381,6 @@ def _check(recipe: Recipe) -> None:
         raise BadValue(f"--checkpointing-variant: unknown variant {recipe.checkpointing!r}; choose one of {choices}")
 
 
-def checkpointing_variant(model: Any) -> str | None:
-    """The gradient checkpointing in effect in ``model``, read from it: ``reentrant``, ``non-reentrant``, or
-    None where no layer checkpoints (a peft wrapper is read through)."""
-    for module in model.modules():
-        if getattr(module, "gradient_checkpointing", False) is True:
-            function = getattr(module, "_gradient_checkpointing_func", None)
-            keywords = getattr(function, "keywords", None) or {}
-            # torch.utils.checkpoint's default, where nothing is passed, is reentrant.
-            return "non-reentrant" if keywords.get("use_reentrant") is False else "reentrant"
-    return None
-
-
 def checkpointing_kwargs(recipe: Recipe) -> dict[str, bool]:
     """What the recipe passes as ``gradient_checkpointing_kwargs``: its variant, said explicitly (peft's
     default, none, reaches ``torch.utils.checkpoint`` as ``use_reentrant=True``)."""
@@ -490,7 +478,7 @@ def run_step(recipe: Recipe, gpu: Gpu, attribute: bool = True) -> Step:
             measurement.enter("setup")
             with measurement.stage("load"):
                 model = _build(recipe)
-            variant = checkpointing_variant(model)
+            variant = introspect.checkpointing_variant(model)
             measurement.register_model(model)
             measurement.exit("setup")
             # The model keeps the checkpointing it was prepared with (train_steps would set its own variant).

@@ -77,6 +77,10 @@ class TrainingSetup:
     matmul_dtype: str | None = None  # dtype the decoder's first linear layer multiplied in (autocast included)
     autocast_requested: str | None = None  # the ``autocast`` knob the test ran with
     unquantized: list[str] = field(default_factory=list)  # decoder linear layers left unquantized, e.g. mlp.gate_proj
+    config_dtype: str | None = None  # the dtype the model's config names (config.dtype): what loading it meant
+    checkpointing_variant: str | None = None  # reentrant or non-reentrant, read from the model where it checkpoints
+    grad_forwards: int | None = None  # forwards run with autograd on, where the forwards were watched
+    backward: bool | None = None  # a backward pass reached the model's outputs, where the forwards were watched
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -286,11 +290,18 @@ def inspect_setup(
     if isinstance(model, torch.nn.Module):
         _read_config(setup, model)
         setup.gradient_checkpointing = gradient_checkpointing_enabled(model)
+        setup.checkpointing_variant = checkpointing_variant(model)
         _read_layers(setup, model)
         _read_lora(setup, model)
         _read_dtypes(setup, model)
     _read_parameters(setup, [m for m in models if isinstance(m, torch.nn.Module)])
     _read_optimizers(setup, optimizers)
+    return add_observed(setup, knobs, probe)
+
+
+def add_observed(setup: TrainingSetup, knobs: dict[str, Any], probe: Probe | None) -> TrainingSetup:
+    """``setup`` with the ``knobs`` the test ran with and what ``probe`` saw of its step (mode, autocast,
+    dtypes, the KV cache, whether checkpointing recomputed, the batch and sequence)."""
     setup.autocast_requested = knobs.get("autocast")
     seen = probe.observed if probe is not None and probe.observed.forwards else None
     if seen is not None:
@@ -306,6 +317,18 @@ def inspect_setup(
     setup.batch = knobs["batch"] if knobs.get("batch") is not None else seen.batch if seen else None
     setup.seq = knobs["seq"] if knobs.get("seq") is not None else seen.seq if seen else None
     return setup
+
+
+def checkpointing_variant(model: Any) -> str | None:
+    """The gradient checkpointing in effect in ``model``, read from it: ``reentrant``, ``non-reentrant``, or
+    None where no layer checkpoints (a peft wrapper is read through)."""
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is True:
+            function = getattr(module, "_gradient_checkpointing_func", None)
+            keywords = getattr(function, "keywords", None) or {}
+            # torch.utils.checkpoint's default, where nothing is passed, is reentrant.
+            return "non-reentrant" if keywords.get("use_reentrant") is False else "reentrant"
+    return None
 
 
 def _get(config: Any, name: str) -> Any:
@@ -328,6 +351,8 @@ def _read_config(setup: TrainingSetup, model: Any) -> None:
         setup.hidden_size // setup.num_heads if setup.hidden_size and setup.num_heads else None
     )
     setup.attention = getattr(config, "_attn_implementation", None)
+    dtype = getattr(text, "dtype", None) or getattr(text, "torch_dtype", None)
+    setup.config_dtype = _dtype_name(dtype) if isinstance(dtype, torch.dtype) else (str(dtype) if dtype else None)
     setup.use_cache = getattr(text, "use_cache", None)
     quantization = getattr(config, "quantization_config", None)
     if quantization is not None:

@@ -8,7 +8,8 @@ from importlib import metadata
 import torch
 
 from pytest_gpumem.core.environment import SOFTWARE, device_key
-from pytest_gpumem.core.gpus import DEFAULT_GPU, find_gpu
+from pytest_gpumem.core.gpus import DEFAULT_GPU, Gpu, find_gpu
+from pytest_gpumem.core.units import BadValue
 
 
 def software_versions() -> dict[str, str]:
@@ -34,3 +35,15 @@ def hardware_key(backend: str, gpu: str | None = None) -> str:
         return "cpu"
     props = [torch.cuda.get_device_properties(index) for index in range(torch.cuda.device_count())]
     return "+".join(sorted({device_key(p.name, p.total_memory) for p in props}))
+
+
+def replay_gpu(backend: str, estimate_gpu: str | None) -> Gpu:
+    """The GPU a test's own model is replayed as: this machine's where the catalogue knows it (else one of
+    its memory), the estimate backend's, or the catalogue's default on the cpu backend."""
+    if backend == "cuda":
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        try:
+            return find_gpu(props.name, "this GPU")
+        except BadValue:
+            return find_gpu(f"{props.total_memory} B", "this GPU")
+    return find_gpu(estimate_gpu or DEFAULT_GPU, "--gpumem-estimate-gpu")

@@ -19,6 +19,7 @@ from typing import Any
 from pytest_gpumem.core.sample import Attribution, Fit, Peaks, Sample, largest, merge_max
 from pytest_gpumem.measure import ranks
 from pytest_gpumem.measure.attribution import Attributor
+from pytest_gpumem.measure.discovery import Discovery
 from pytest_gpumem.measure.introspect import Probe
 from pytest_gpumem.measure.meters import base
 from pytest_gpumem.measure.meters.base import Meter
@@ -92,6 +93,7 @@ class Measurement:
                 raise ValueError(f"device_limit: the {meter.backend} backend cannot enforce a device limit")
             guard.set_limit(limit)  # ValueError for a limit the device cannot simulate
         self.before = meter.begin()
+        self.discovery = Discovery()  # the models and optimizers the test runs, registered or not
         tracker = getattr(meter, "tracker", None)
         self._attributor = Attributor(tracker) if tracker is not None else None
         self._snapshot = snapshot
@@ -109,6 +111,7 @@ class Measurement:
         self._spans: list[Peaks] = []  # the peaks of each open span()
         # Last, so that nothing above can fail with the environment changed: child processes see it.
         self._ranks = ranks.RankDirectory(meter.backend)
+        self.discovery.start()
         global _active
         _active = self
 
@@ -177,6 +180,7 @@ class Measurement:
         still alive after the test's teardown is the test's doing, not the plugin's."""
         self.registration = Registration()
         self.probe = None
+        self.discovery = Discovery()
 
     def register_model(self, model: Any) -> None:
         """Register a model for the advisor (watched by a probe while the test runs), and its weights
@@ -230,6 +234,7 @@ class Measurement:
                 self.snapshot = self._take_snapshot()
             if self.probe is not None:
                 self.probe.detach()
+            self.discovery.stop()
             self._meter.end()
             if self.limit is not None:
                 guard = base.guard(self._meter)

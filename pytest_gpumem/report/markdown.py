@@ -136,6 +136,8 @@ def _explanation(result: TestResult) -> list[str]:
             lines.append(f"- {lever_text(lever)}{basis}{mark}")
         if recommendation(advice):
             lines.append(f"- **{recommendation(advice)}**")
+        if advice.replay:
+            lines.append(f"- replay: {_cell(advice.replay)}")
         lines.append("")
     if result.fits:
         lines += [f"- {'fit' if fit.purpose else 'retry'}: {_cell(fit_text(fit))}" for fit in result.fits]

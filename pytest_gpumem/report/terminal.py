@@ -114,6 +114,8 @@ def failure_message(result: TestResult) -> str:
         add("lever", lever_text(lever))
     if advice is not None and recommendation(advice):
         add("advice", recommendation(advice))
+    if advice is not None and advice.replay:
+        add("replay", advice.replay)
     for fit in result.fits:
         add("fit" if fit.purpose else "retry", fit_text(fit))
 
@@ -170,6 +172,8 @@ def explanation_lines(result: TestResult) -> list[str]:
                 lines.append(f"    {lever_text(lever)}{basis}{mark}")
         if recommendation(advice):
             lines.append(f"  {recommendation(advice)}")
+        if advice.replay:
+            lines.append(f"  replay: {advice.replay}")
     return lines
 
 
