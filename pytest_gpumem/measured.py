@@ -194,7 +194,9 @@ class MeasuredTest:
                     replace(found.setup or TrainingSetup()), registration.knobs, found.probe
                 )
         if found is not None and (not registration.models or found.model is registration.models[0]):
-            setup.grad_forwards, setup.backward = found.calls.grad_forwards, found.calls.backward
+            setup.grad_forwards = found.calls.grad_forwards
+            # A forward that raised (out of memory) never reached its backward: that says nothing.
+            setup.backward = found.calls.backward if not found.calls.raised else None
         measure, measured_as, replay, knobs = None, "measured", None, registration.knobs
         if policy != "none" and not registration.models_freed:  # a what-if needs the model alive after the test
             measure = whatif.make_measure(registration, context.new_meter)

@@ -143,3 +143,26 @@ def test_mlp():
     advice = tests["test_mlp"]["advice"]
     assert advice["replay"] == ""  # not a transformers LoRA model: nothing replayed
     assert all(lever["source"] == "estimated" for lever in advice["levers"])
+
+
+def test_fewer_targets_and_a_lower_rank_are_two_levers(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_own=MODEL.replace('target_modules=["q_proj", "v_proj"]', 'target_modules="all-linear"')
+        + """
+@pytest.mark.gpumem(budget="1 MiB")
+def test_all_linear():
+    model = lora_model()
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, 256, (4, 64))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+"""
+    )
+    result, tests = run(pytester, "--gpumem-explain=all")
+    levers = {lever["key"]: lever for lever in tests["test_all_linear"]["advice"]["levers"]}
+    assert levers["rank"]["action"] == "LoRA r 8 -> 4"
+    assert levers["targets"]["action"].startswith("LoRA on q_proj, v_proj only, not 7 target modules")
+    # Dropping five of seven adapters frees their inputs too: far more than halving the rank.
+    assert levers["targets"]["saving"] > 2 * levers["rank"]["saving"] > 0
+    result.stdout.fnmatch_lines(["*fewer LoRA target modules: LoRA on q_proj, v_proj only*"])

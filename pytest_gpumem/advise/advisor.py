@@ -574,7 +574,7 @@ def _rank_lever(s: Situation | None) -> Candidate | None:
     if s is None or setup is None or not setup.lora_r or setup.lora_r < 2:
         return None
     r = setup.lora_r
-    action = f"LoRA r {r} -> {r // 2} (or fewer target modules)"
+    action = f"LoRA r {r} -> {r // 2}"
     lora_bytes = setup.lora_params * (s.precision.adapter or 4)
     weights = 1 - lora_bytes / 2 / s.peak.weights if s.peak.weights else 1.0
     lora_share = min(1.0, setup.lora_params / setup.trainable_params) if setup.trainable_params else 1.0
@@ -591,6 +591,44 @@ def _rank_lever(s: Situation | None) -> Candidate | None:
         f"rank-wide activations {_fmt(s.layer_activations * (1 - layer) * 2)} halve"
     )
     return Candidate("rank", action, Effect(weights=weights, gradients=kept, optimizer=kept, layer=layer), basis)
+
+
+FEWER_TARGETS = ("q_proj", "v_proj")
+"""The target modules the fewer-targets lever proposes: the attention's query and value projections, as the
+LoRA paper adapted."""
+
+
+def _targets_lever(s: Situation | None) -> Candidate | None:
+    """LoRA on the query and value projections only: the adapters' parameters, gradients and optimizer state
+    shrink to theirs, and the layers no longer adapted stop keeping their inputs for the adapters' backward
+    (a frozen base layer needs only its weight to pass the gradient on)."""
+    setup = s.setup if s else None
+    if s is None or setup is None or not setup.lora_r:
+        return None
+    current = tuple(sorted(set(s.precision.lora_targets)))
+    fewer = tuple(name for name in FEWER_TARGETS if name in current)
+    if not fewer or len(fewer) == len(current):
+        return None
+    action = f"LoRA on {', '.join(fewer)} only, not {len(current)} target modules ({', '.join(current)})"
+    if s.shape is not None:
+        share = sum(lora_tensor_sizes(s.shape, setup.lora_r, fewer)) / sum(
+            lora_tensor_sizes(s.shape, setup.lora_r, current)
+        )
+    else:
+        share = len(fewer) / len(current)
+    lora_bytes = setup.lora_params * (s.precision.adapter or 4)
+    weights = 1 - lora_bytes * (1 - share) / s.peak.weights if s.peak.weights else 1.0
+    lora_share = min(1.0, setup.lora_params / setup.trainable_params) if setup.trainable_params else 1.0
+    kept = 1 - lora_share * (1 - share)
+    layer = 1.0
+    before, after = s.layer_model(), s.layer_model(replace(s.precision, lora_targets=fewer))
+    if before is not None and after is not None and s.tokens and s.seq:
+        layer = s.layer_factor(after.total(s.tokens, s.seq) / before.total(s.tokens, s.seq))
+    basis = (
+        f"LoRA parameters {_fmt(lora_bytes)} x {share:.2f}, their gradients and optimizer state with them; "
+        f"layer activations x {layer:.2f} (the inputs kept for the dropped adapters)"
+    )
+    return Candidate("targets", action, Effect(weights=weights, gradients=kept, optimizer=kept, layer=layer), basis)
 
 
 def _optimizer_lever(s: Situation | None, knobs: dict[str, Any]) -> Candidate | None:
@@ -637,6 +675,7 @@ def candidates(
         _lora_lever(s),
         _qlora_lever(s),
         _rank_lever(s),
+        _targets_lever(s),
         _optimizer_lever(s, knobs),
     ]
     return [c for c in found if c is not None]

@@ -70,7 +70,8 @@ def findings(setup: TrainingSetup) -> list[Finding]:
                 "torch.inference_mode() (or torch.no_grad())",
             )
         )
-    if setup.weight_dtype == "float32" and setup.config_dtype in HALF_DTYPES and setup.weight_bytes:
+    quantized = setup.quant in ("nf4", "fp4", "int8")  # whose float32 norms and embeddings are deliberate
+    if setup.weight_dtype == "float32" and setup.config_dtype in HALF_DTYPES and setup.weight_bytes and not quantized:
         found.append(
             Finding(
                 "fp32_weights",

@@ -456,11 +456,11 @@ class Verdict:
         )
 
 
-LEVERS = ("fix", "batch", "checkpointing", "seq", "bf16", "lora", "qlora", "rank", "optimizer")
+LEVERS = ("fix", "batch", "checkpointing", "seq", "bf16", "lora", "qlora", "rank", "targets", "optimizer")
 """The levers, in the order of their cost to quality: fixing an ineffective or counterproductive
 setting (free), smaller batch with gradient accumulation, gradient checkpointing, shorter
 max_seq_length, bf16 mixed precision, LoRA instead of full fine-tuning, 4-bit QLoRA, lower LoRA
-rank or fewer target modules, 8-bit or paged optimizer."""
+rank, fewer LoRA target modules, 8-bit or paged optimizer."""
 
 
 @dataclass

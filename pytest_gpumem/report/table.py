@@ -137,7 +137,8 @@ LEVER_NAMES = {
     "bf16": "bf16 mixed precision",
     "lora": "LoRA instead of full fine-tuning",
     "qlora": "4-bit QLoRA",
-    "rank": "lower LoRA rank / fewer targets",
+    "rank": "lower LoRA rank",
+    "targets": "fewer LoRA target modules",
     "optimizer": "8-bit optimizer",
 }
 
