@@ -28,6 +28,21 @@ def lora_model():
 """
 
 
+REPLAY_ON_CPU = """
+import pytest_gpumem.measured
+
+ALWAYS = pytest_gpumem.measured.REPLAY_BACKENDS
+
+
+def pytest_configure(config):  # the replay's numbers are a GPU's (see REPLAY_BACKENDS): asked for here
+    pytest_gpumem.measured.REPLAY_BACKENDS = ("cuda", "cpu")
+
+
+def pytest_unconfigure(config):
+    pytest_gpumem.measured.REPLAY_BACKENDS = ALWAYS
+"""
+
+
 def run(pytester: pytest.Pytester, *args: str) -> tuple[pytest.RunResult, dict]:
     result = pytester.runpytest("--gpumem-json=out.json", "-p", "no:cacheprovider", *args)
     doc = json.loads((pytester.path / "out.json").read_text())
@@ -35,6 +50,7 @@ def run(pytester: pytest.Pytester, *args: str) -> tuple[pytest.RunResult, dict]:
 
 
 def test_a_users_own_lora_loop_gets_levers_with_numbers(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(REPLAY_ON_CPU)
     pytester.makepyfile(
         test_own=MODEL
         + """
@@ -166,3 +182,56 @@ def test_all_linear():
     # Dropping five of seven adapters frees their inputs too: far more than halving the rank.
     assert levers["targets"]["saving"] > 2 * levers["rank"]["saving"] > 0
     result.stdout.fnmatch_lines(["*fewer LoRA target modules: LoRA on q_proj, v_proj only*"])
+
+
+LOOP = """
+def train(batch=4, seq=64, accumulation=1, checkpointing=False):
+    model = lora_model()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    for _ in range(2):
+        for _ in range(accumulation):
+            ids = torch.randint(0, 256, (batch, seq))
+            model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+@pytest.mark.gpumem
+def test_as_is():
+    train()
+
+@pytest.mark.gpumem
+def test_smaller_batch():
+    train(batch=2, accumulation=2)
+
+@pytest.mark.gpumem
+def test_checkpointing():
+    train(checkpointing=True)
+
+@pytest.mark.gpumem
+def test_shorter_sequences():
+    train(seq=32)
+"""
+
+
+def test_savings_match_the_variants_run_for_real(pytester: pytest.Pytester) -> None:
+    """Each lever of a user's own loop (estimated, on the cpu backend) against the same loop run for real
+    with that lever, under the plugin: within 20%."""
+    pytester.makepyfile(test_own=MODEL + LOOP)
+    result, tests = run(pytester, "--gpumem-explain=all")
+    result.assert_outcomes(passed=4)
+
+    def peak(name: str) -> int:
+        return tests[name]["sample"]["phases"]["call"]["allocated"]["cpu"]
+
+    levers = {lever["key"]: lever for lever in tests["test_as_is"]["advice"]["levers"]}
+    real = {
+        "batch": peak("test_as_is") - peak("test_smaller_batch"),
+        "checkpointing": peak("test_as_is") - peak("test_checkpointing"),
+        "seq": peak("test_as_is") - peak("test_shorter_sequences"),
+    }
+    for key, saved in real.items():
+        assert levers[key]["source"] == "estimated"
+        assert saved > 0 and abs(levers[key]["saving"] - saved) <= 0.2 * saved, (key, levers[key], saved)
