@@ -295,7 +295,7 @@ def inspect_setup(
         _read_lora(setup, model)
         _read_dtypes(setup, model)
     _read_parameters(setup, [m for m in models if isinstance(m, torch.nn.Module)])
-    _read_optimizers(setup, optimizers)
+    read_optimizers(setup, optimizers)
     return add_observed(setup, knobs, probe)
 
 
@@ -509,7 +509,7 @@ def _unwrap(optimizer: Any) -> Any:
     return inner if isinstance(inner, torch.optim.Optimizer) else optimizer
 
 
-def _read_optimizers(setup: TrainingSetup, optimizers: list[Any]) -> None:
+def read_optimizers(setup: TrainingSetup, optimizers: list[Any]) -> None:
     if not optimizers:
         return
     unwrapped = [_unwrap(o) for o in optimizers]
