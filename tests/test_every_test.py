@@ -104,6 +104,8 @@ def test_forward_in_inference_mode():
     assert any("1 forward pass with autograd on (batch 8 x seq 64)" in f for f in found["findings"]), found
     fix = next(lever for lever in found["levers"] if lever["key"] == "fix")
     assert "inference_mode" in fix["action"] and fix["saving"] > 0
+    batch = next(lever for lever in found["levers"] if lever["key"] == "batch")
+    assert batch["action"] == "batch 8 -> 4 (run the inputs in 2 smaller batches)" and batch["saving"] > 0
     clean = tests["test_forward_in_inference_mode"]["advice"]
     assert not any("autograd on" in f for f in clean["findings"])
 

@@ -415,10 +415,14 @@ def _batch_lever(s: Situation | None, knobs: dict[str, Any]) -> Candidate | None
         return None
     factor = next(d for d in range(2, batch + 1) if batch % d == 0)
     accumulation = knobs.get("accumulation") or 1
-    action = (
-        f"per-device batch {batch} -> {batch // factor} with gradient accumulation x{factor} "
-        f"(effective batch {batch * accumulation} kept)"
-    )
+    inference = s is not None and s.setup.backward is False and bool(s.setup.grad_forwards)
+    if inference:  # nothing to accumulate: the inputs run in smaller batches
+        action = f"batch {batch} -> {batch // factor} (run the inputs in {factor} smaller batches)"
+    else:
+        action = (
+            f"per-device batch {batch} -> {batch // factor} with gradient accumulation x{factor} "
+            f"(effective batch {batch * accumulation} kept)"
+        )
     overrides = {"batch": batch // factor, "accumulation": accumulation * factor}
     if "batch" not in knobs:
         overrides = {}  # the step's own default batch is not the one seen: a what-if would compare the wrong runs
@@ -427,7 +431,7 @@ def _batch_lever(s: Situation | None, knobs: dict[str, Any]) -> Candidate | None
     model = s.layer_model()
     fixed = model.fixed_share(s.tokens, s.seq or 1) if model and s.tokens else 0.0  # cast weights stay
     layer = s.layer_factor(fixed + (1 - fixed) / factor, checkpoints=1 / factor)
-    effect = Effect(layer=layer, other=1 / factor, accumulate=True)
+    effect = Effect(layer=layer, other=1 / factor, accumulate=not inference)
     basis = f"activations {_fmt(s.activations)} at the peak scale with the batch: 1/{factor} of them"
     gradients = s.most("gradients")
     if gradients > s.peak.gradients and gradients >= 2**20:
