@@ -27,6 +27,7 @@ from pytest_gpumem.core.store import BaselineStore
 from pytest_gpumem.core.units import BadValue
 from pytest_gpumem.estimate.replay import Replay, plan
 from pytest_gpumem.measure import collector, introspect, snapshot, trainer
+from pytest_gpumem.measure.discovery import Found
 from pytest_gpumem.measure.introspect import TrainingSetup
 from pytest_gpumem.measure.measurement import Measurement
 from pytest_gpumem.measure.meters.base import Meter, guard
@@ -184,25 +185,8 @@ class MeasuredTest:
         if not (result.verdict.failed or policy == "all"):
             return None
         registration = measurement.registration
-        found = measurement.discovery.trained()
-        if registration.models or found is None:
-            setup = introspect.inspect_setup(
-                registration.models, registration.optimizers, registration.knobs, measurement.probe
-            )
-        else:
-            # The test's own model, found by discovery: read live, or as it was at its first forwards where
-            # the test freed it (a model made in the test function is gone when the function returns).
-            optimizers = registration.optimizers or measurement.discovery.optimizers
-            if found.model is not None:
-                setup = introspect.inspect_setup([found.model], optimizers, registration.knobs, found.probe)
-            else:
-                setup = introspect.add_observed(
-                    replace(found.setup or TrainingSetup()), registration.knobs, found.probe
-                )
-        if found is not None and not registration.models:  # a registered step says itself what it runs
-            setup.grad_forwards = found.calls.grad_forwards
-            # A forward that raised (out of memory) never reached its backward: that says nothing.
-            setup.backward = found.calls.backward if not found.calls.raised else None
+        found = None if registration.models else measurement.discovery.trained()
+        setup = _setup_of(measurement, found)
         measure, measured_as, replay, knobs = None, "measured", None, registration.knobs
         if policy != "none" and not registration.models_freed:  # a what-if needs the model alive after the test
             measure = whatif.make_measure(registration, context.new_meter)
@@ -299,3 +283,23 @@ class MeasuredTest:
         """A warning attributed to the test's own line, which the warnings summary then shows."""
         path, line, _ = self.item.location
         warnings.warn_explicit(GpuMemWarning(message), GpuMemWarning, path, (line or 0) + 1)
+
+
+def _setup_of(measurement: Measurement, found: Found | None) -> TrainingSetup:
+    """The test's setup: what it registered, else its own model found by discovery, read live, or as it was
+    at its first forwards where the test freed it (a model made in the test function is gone when the
+    function returns), with what its forwards showed."""
+    registration = measurement.registration
+    if found is None:
+        return introspect.inspect_setup(
+            registration.models, registration.optimizers, registration.knobs, measurement.probe
+        )
+    optimizers = registration.optimizers or measurement.discovery.optimizers
+    if found.model is not None:
+        setup = introspect.inspect_setup([found.model], optimizers, registration.knobs, found.probe)
+    else:
+        setup = introspect.add_observed(replace(found.setup or TrainingSetup()), registration.knobs, found.probe)
+    setup.grad_forwards = found.calls.grad_forwards
+    # A forward that raised (out of memory) never reached its backward: that says nothing.
+    setup.backward = found.calls.backward if not found.calls.raised else None
+    return setup

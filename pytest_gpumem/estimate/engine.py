@@ -588,7 +588,7 @@ def _advise(result: Estimate, setup: Any) -> None:
     recipe, gpu = result.recipe, result.gpu
 
     def measure(overrides: dict[str, Any]) -> int:
-        changed = _apply(recipe, overrides)
+        changed = with_knobs(recipe, overrides)
         if result.method == "analytic":
             return analytic(changed, gpu).peak
         return run_step(changed, gpu, attribute=False).peak
@@ -610,9 +610,12 @@ def _advise(result: Estimate, setup: Any) -> None:
     result.findings = advice.findings
 
 
-def _apply(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
-    """The recipe with the advisor's knob overrides applied (``steps`` is the recipe's own)."""
+def with_knobs(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
+    """The recipe with the advisor's knob overrides applied (``steps`` is the recipe's own; a checkpointing
+    knob of None leaves the recipe's)."""
     fields = {k: v for k, v in overrides.items() if k in knobs_of(recipe)}
+    if fields.get("gradient_checkpointing", False) is None:
+        del fields["gradient_checkpointing"]
     return replace(recipe, **fields)
 
 

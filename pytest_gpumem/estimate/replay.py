@@ -13,7 +13,7 @@ bitsandbytes 8-bit AdamW, which is what the engine builds. Anything else is left
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ class Replay:
 
     def measure(self, overrides: dict[str, Any], *, gradients_alive: bool = False) -> int:
         """The replayed peak with ``overrides`` (the advisor's knobs) applied; a what-if ``Measure``."""
-        peak = engine.run_step(_apply(self.recipe, overrides), self.gpu, attribute=False).peak
+        peak = engine.run_step(engine.with_knobs(self.recipe, overrides), self.gpu, attribute=False).peak
         return peak if self.workspaces else peak - self.gpu.workspace
 
     def fidelity(self, measured: int, replayed: int) -> str:
@@ -103,10 +103,3 @@ def plan(config: Any, setup: TrainingSetup, gpu: Gpu, workspaces: bool) -> tuple
         use_cache=setup.use_cache,
     )
     return Replay(recipe, gpu, directory, str(getattr(text, "model_type", "") or "model"), workspaces), ""
-
-
-def _apply(recipe: engine.Recipe, overrides: dict[str, Any]) -> engine.Recipe:
-    fields = {name: value for name, value in overrides.items() if name in engine.knobs_of(recipe)}
-    if fields.get("gradient_checkpointing") is None:
-        fields.pop("gradient_checkpointing", None)
-    return replace(recipe, **fields)
