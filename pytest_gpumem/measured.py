@@ -22,12 +22,22 @@ from pytest_gpumem.config.marker import parse_marker
 from pytest_gpumem.config.settings import Settings
 from pytest_gpumem.core.gpus import Gpu
 from pytest_gpumem.core.judge import judge, needed
-from pytest_gpumem.core.sample import LEAK_FLAG, Advice, Environment, Leak, OutOfMemory, Spec, TestResult, largest
+from pytest_gpumem.core.sample import (
+    LEAK_FLAG,
+    Advice,
+    Environment,
+    Leak,
+    OutOfMemory,
+    Sample,
+    Spec,
+    TestResult,
+    largest,
+)
 from pytest_gpumem.core.store import BaselineStore
 from pytest_gpumem.core.units import BadValue
 from pytest_gpumem.estimate.replay import Replay, plan
 from pytest_gpumem.measure import collector, introspect, snapshot, trainer
-from pytest_gpumem.measure.discovery import Found
+from pytest_gpumem.measure.discovery import Discovery, Found
 from pytest_gpumem.measure.introspect import TrainingSetup
 from pytest_gpumem.measure.measurement import Measurement
 from pytest_gpumem.measure.meters.base import Meter, guard
@@ -53,8 +63,9 @@ class Context:
     meter: Meter
     environment: Environment
     store: BaselineStore
-    new_meter: Callable[[], Meter]
+    new_meter: Callable[..., Meter]  # new_meter(attribute=False): a fresh meter of the run's backend
     replay_gpu: Gpu  # the GPU a test's own model is replayed as, where it registered no step
+    gpus: int = 0  # the GPUs visible to the tests (0 on the cpu backend)
     errors: list[str] = field(default_factory=list)
 
 
@@ -180,16 +191,24 @@ class MeasuredTest:
 
     def _advise(self, context: Context, measurement: Measurement, result: TestResult) -> Advice | None:
         """The advisor's levers: for tests that fail on memory; for every test with --gpumem-explain=all.
-        Savings are measured by re-running a registered step unless --gpumem-explain=none."""
+        Savings are measured by re-running a registered step unless --gpumem-explain=none; a test that
+        registered none has its own model replayed, and, where it ran out of memory under a simulated device
+        limit, its body run again without the limit to see what it needs."""
         policy = context.settings.explain
         if not (result.verdict.failed or policy == "all"):
             return None
         registration = measurement.registration
-        found = None if registration.models else measurement.discovery.trained()
-        setup = _setup_of(measurement, found)
         measure, measured_as, replay, knobs = None, "measured", None, registration.knobs
         if policy != "none" and not registration.models_freed:  # a what-if needs the model alive after the test
             measure = whatif.make_measure(registration, context.new_meter)
+        failure = result.verdict.oom
+        unlimited = None
+        if failure is not None and failure.limit is not None and measure is None and policy != "none":
+            unlimited = self._run_unlimited(context)
+        # What the test ran: as the unlimited run saw it where there is one (the failed forward never finished).
+        watched = unlimited if unlimited is not None else measurement
+        found = None if registration.models else watched.discovery.trained()
+        setup = _setup_of(measurement, found, watched.discovery)
         replayable = found is not None and found.config is not None and setup.backward
         if measure is None and policy != "none" and replayable and context.meter.backend in REPLAY_BACKENDS:
             assert found is not None
@@ -197,10 +216,15 @@ class MeasuredTest:
             if replay is not None:
                 measure, measured_as, knobs = replay.measure, "replayed", replay.knobs
         # Out of memory, the levers act on the peak the test asked for: what was alive at the failure and the
-        # request; what they must free is the larger of the request's shortfall and the whole step's overshoot.
-        failure = result.verdict.oom
+        # request, or the whole run's peak where it ran again without the limit; what they must free is the
+        # larger of the request's shortfall and the whole run's overshoot.
+        attribution = capture.demand(failure) if failure is not None else result.sample.attribution
         meter_guard = guard(context.meter)
-        if failure is not None and replay is not None and failure.limit is not None:
+        if failure is not None and unlimited is not None:
+            whole = unlimited.finish()
+            failure.overshoot = max(0, whole.absolute_peak("allocated") - (failure.limit or 0))
+            attribution = whole.attribution or attribution
+        elif failure is not None and replay is not None and failure.limit is not None:
             # The replay's peak is absolute (the model included): the need is what it passes the limit by.
             try:
                 failure.overshoot = max(0, replay.measure({}) - failure.limit)
@@ -210,20 +234,40 @@ class MeasuredTest:
             measure = capture.remembering(measure)
             failure.overshoot = capture.overshoot(failure, measure, meter_guard.in_use().get(failure.device, 0))
         advice = advisor.advise(
-            capture.demand(failure) if failure is not None else result.sample.attribution,
+            attribution,
             setup,
             findings.findings(setup),
             needed(result.verdict),
             knobs,
             measure,
             measured_as,
+            gpus=context.gpus,
         )
         if replay is not None:
-            advice.replay = self._fidelity(replay, result)
+            advice.replay = self._fidelity(replay, (unlimited or measurement).finish())
         return advice
 
+    def _run_unlimited(self, context: Context) -> Measurement | None:
+        """The test's body run once more without its simulated device limit, measured with the attribution
+        on (a test that registered nothing and ran out of memory under the limit): what the whole test
+        needs. None where it runs out of memory for real (the device cannot hold it either)."""
+        measurement = Measurement(context.new_meter(attribute=True))
+        error: BaseException | None = None
+        try:
+            with measurement.phase("call"):
+                self.item.runtest()
+        except (Exception, pytest.fail.Exception, pytest.skip.Exception, pytest.xfail.Exception) as exc:  # noqa: BLE001
+            error = exc  # a test that fails otherwise still ran through: its peak stands
+        measurement.finish()
+        out_of_memory = error is not None and capture.find(error) is not None
+        if error is not None:
+            capture.drop_frames(error)
+        del error
+        capture.release_cached()
+        return None if out_of_memory else measurement
+
     @staticmethod
-    def _fidelity(replay: Replay, result: TestResult) -> str:
+    def _fidelity(replay: Replay, measured: Sample) -> str:
         """The replay's own peak (no lever) beside the measured one; nothing where the replay failed."""
         try:
             replayed = replay.measure({})
@@ -232,10 +276,7 @@ class MeasuredTest:
         finally:
             replay.directory.cleanup()
         # Absolute, as the replay's: what was resident when the test began plus the test's own peak.
-        call = result.sample.phases.get("call", {}).get("allocated", {})
-        before = result.sample.before.get("allocated", {})
-        measured = max((before.get(device, 0) + peak for device, peak in call.items()), default=0)
-        return replay.fidelity(measured, replayed)
+        return replay.fidelity(measured.absolute_peak("allocated"), replayed)
 
     def _write_snapshot(self, context: Context, measurement: Measurement) -> str:
         target = context.settings.snapshot
@@ -285,16 +326,16 @@ class MeasuredTest:
         warnings.warn_explicit(GpuMemWarning(message), GpuMemWarning, path, (line or 0) + 1)
 
 
-def _setup_of(measurement: Measurement, found: Found | None) -> TrainingSetup:
-    """The test's setup: what it registered, else its own model found by discovery, read live, or as it was
-    at its first forwards where the test freed it (a model made in the test function is gone when the
+def _setup_of(measurement: Measurement, found: Found | None, discovery: Discovery) -> TrainingSetup:
+    """The test's setup: what it registered, else its own model found by ``discovery``, read live, or as it
+    was at its first forwards where the test freed it (a model made in the test function is gone when the
     function returns), with what its forwards showed."""
     registration = measurement.registration
     if found is None:
         return introspect.inspect_setup(
             registration.models, registration.optimizers, registration.knobs, measurement.probe
         )
-    optimizers = registration.optimizers or measurement.discovery.optimizers
+    optimizers = registration.optimizers or discovery.optimizers
     if found.model is not None:
         setup = introspect.inspect_setup([found.model], optimizers, registration.knobs, found.probe)
     else:

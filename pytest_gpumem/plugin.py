@@ -29,7 +29,7 @@ from pytest_gpumem.fixtures import (  # noqa: F401  (the fixtures are registered
     train_step,
 )
 from pytest_gpumem.measure import collector
-from pytest_gpumem.measure.machine import hardware_key, replay_gpu, software_versions
+from pytest_gpumem.measure.machine import hardware_key, replay_gpu, software_versions, visible_gpus
 from pytest_gpumem.measure.meters.base import guard
 from pytest_gpumem.measured import Context, MeasuredTest
 from pytest_gpumem.report.terminal import failure_message, leak_message
@@ -138,8 +138,11 @@ class GpuMemPlugin:
                 meter=meter,
                 environment=Environment(meter.backend, hardware, software_versions()),
                 store=self.store,
-                new_meter=lambda: backend.create(meter.backend, attribute=False, gpu=settings.estimate_gpu),
+                new_meter=lambda attribute=False: backend.create(
+                    meter.backend, attribute=attribute, gpu=settings.estimate_gpu
+                ),
                 replay_gpu=replay_gpu(meter.backend, settings.estimate_gpu),
+                gpus=visible_gpus(meter.backend),
                 errors=self.results.errors,
             )
         return self._context

@@ -415,7 +415,7 @@ def _batch_lever(s: Situation | None, knobs: dict[str, Any]) -> Candidate | None
         return None
     factor = next(d for d in range(2, batch + 1) if batch % d == 0)
     accumulation = knobs.get("accumulation") or 1
-    inference = s is not None and s.setup.backward is False and bool(s.setup.grad_forwards)
+    inference = s is not None and s.setup.inference
     if inference:  # nothing to accumulate: the inputs run in smaller batches
         action = f"batch {batch} -> {batch // factor} (run the inputs in {factor} smaller batches)"
     else:
@@ -663,12 +663,62 @@ def _optimizer_lever(s: Situation | None, knobs: dict[str, Any]) -> Candidate | 
     return Candidate("optimizer", action, Effect(optimizer=factor), basis, overrides=overrides)
 
 
+def _spread_lever(s: Situation | None, gpus: int) -> Candidate | None:
+    """Inference: ``device_map="auto"`` places the decoder layers over the GPUs present, so each holds its
+    share of the weights; the activations follow the hidden states from GPU to GPU, one layer at a time."""
+    if s is None or not gpus or not s.peak.weights:
+        return None
+    action = 'from_pretrained(..., device_map="auto") to spread the layers over the GPUs'
+    if gpus == 1:
+        return Candidate("spread", action, NO_EFFECT, "one GPU is visible: there is nothing to spread over")
+    basis = f"weights {_fmt(s.peak.weights)} over {gpus} GPUs: 1/{gpus} of them on each"
+    return Candidate("spread", action, Effect(weights=1 / gpus), basis)
+
+
+def _weights_levers(s: Situation | None) -> list[Candidate]:
+    """Inference with 16- or 32-bit weights: the decoder's linear layers loaded in 8-bit (LLM.int8: one byte
+    a weight and a float32 scale per output row) or in 4-bit NF4 with double quantization, through a
+    ``BitsAndBytesConfig``; embeddings, norms and lm_head stay as they are. A quantized layer dequantizes
+    (4-bit) or quantizes its input (8-bit) as it runs: that transient is one layer's and stays beside the
+    activations' peak."""
+    setup = s.setup if s else None
+    if s is None or setup is None or setup.quant or s.shape is None or not s.peak.weights:
+        return []
+    width = dtype_bytes(setup.weight_dtype) or 2
+    linear = s.shape.decoder_linear_params()
+    rows = s.shape.layers * sum(s.shape.linear_sizes(name)[1] for name in LINEAR_NAMES)
+    levers = []
+    for key, bits, quantized in (
+        ("weights8", 8, linear + 4 * rows),
+        ("weights4", 4, nf4_bytes(linear, True)),
+    ):
+        freed = min(s.peak.weights, linear * width) - quantized
+        if freed <= 0:
+            continue
+        kind = "load_in_8bit" if bits == 8 else "load_in_4bit, nf4 with double quantization"
+        action = f"load the weights in {bits}-bit (BitsAndBytesConfig({kind}))"
+        basis = f"decoder linear weights {_fmt(linear * width)} -> {_fmt(quantized)}"
+        levers.append(Candidate(key, action, Effect(weights=1 - freed / s.peak.weights), basis))
+    return levers
+
+
 def candidates(
-    s: Situation | None, setup: TrainingSetup, findings: list[FindingLike], knobs: dict[str, Any]
+    s: Situation | None, setup: TrainingSetup, findings: list[FindingLike], knobs: dict[str, Any], gpus: int = 0
 ) -> list[Candidate]:
-    """Every lever that applies, before estimates and measurements."""
+    """Every lever that applies, before estimates and measurements. An inference test (forwards and no
+    backward) gets the levers of inference; ``gpus``: the GPUs visible to it (0: none, the cpu backend)."""
     fixes = _fix_levers(s, findings, knobs)
     keys = {f.key for f in findings}
+    if setup.inference:
+        inferring = [
+            *fixes,
+            _batch_lever(s, knobs),
+            _spread_lever(s, gpus),
+            _seq_lever(s, knobs),
+            _bf16_lever(s, knobs, "bf16_not_applied" in keys),
+            *_weights_levers(s),
+        ]
+        return [c for c in inferring if c is not None]
     fixed_checkpointing = bool(keys & {"checkpointing_eval", "checkpointing_ineffective"})
     found = [
         *fixes,
@@ -803,6 +853,7 @@ def advise(
     knobs: dict[str, Any],
     measure: Callable[..., int] | None = None,
     measured_as: str = "measured",
+    gpus: int = 0,
 ) -> Advice:
     """The advice for one test: its findings (said first), every lever that applies with its saving, in
     order of cost to quality, and the cheapest combination that frees ``needed`` bytes.
@@ -814,10 +865,11 @@ def advise(
     returns its peak (a :class:`pytest_gpumem.advise.whatif.Measure`; it is called with
     ``gradients_alive=True`` only after it raised MissingKnob): the levers that
     are knobs are then measured, not estimated. ``measured_as`` names how ``measure`` runs: ``measured``
-    (the test's registered step, run again) or ``replayed`` (the test's model on fake tensors).
+    (the test's registered step, run again) or ``replayed`` (the test's model on fake tensors). ``gpus``:
+    the CUDA devices visible to the test (0 on the cpu backend).
     """
     s = situation(attribution, setup, knobs)
-    levers = candidates(s, setup, findings, knobs)
+    levers = candidates(s, setup, findings, knobs, gpus)
     for c in levers:
         if c.effect is not None and s is not None:
             c.estimate = s.saving(c.effect)
@@ -835,4 +887,5 @@ def advise(
         levers=[_lever(c, measured_as) for c in levers],
         needed=needed,
         recommended=list(dict.fromkeys(c.key for c in chosen)),
+        frees=combined_saving(chosen, s) if chosen else None,
     )

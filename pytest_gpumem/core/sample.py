@@ -161,6 +161,13 @@ class Sample:
         """The test's peak of ``metric`` in ``phase``, over all devices."""
         return largest(self.phases.get(phase, {}), metric)
 
+    def absolute_peak(self, metric: str, phase: str = "call") -> int:
+        """The peak of ``metric`` in ``phase`` on the fullest device, with what was resident before the test:
+        what the device had to hold."""
+        before = self.before.get(metric, {})
+        peaks = self.phases.get(phase, {}).get(metric, {})
+        return max((before.get(device, 0) + peak for device, peak in peaks.items()), default=0)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "backend": self.backend,
@@ -456,11 +463,26 @@ class Verdict:
         )
 
 
-LEVERS = ("fix", "batch", "checkpointing", "seq", "bf16", "lora", "qlora", "rank", "targets", "optimizer")
+LEVERS = (
+    "fix",
+    "batch",
+    "spread",
+    "checkpointing",
+    "seq",
+    "bf16",
+    "lora",
+    "weights8",
+    "weights4",
+    "qlora",
+    "rank",
+    "targets",
+    "optimizer",
+)
 """The levers, in the order of their cost to quality: fixing an ineffective or counterproductive
-setting (free), smaller batch with gradient accumulation, gradient checkpointing, shorter
-max_seq_length, bf16 mixed precision, LoRA instead of full fine-tuning, 4-bit QLoRA, lower LoRA
-rank, fewer LoRA target modules, 8-bit or paged optimizer."""
+setting (free), smaller batch with gradient accumulation, the model spread over the GPUs present
+(inference: ``device_map="auto"``), gradient checkpointing, shorter max_seq_length, bf16 mixed
+precision, LoRA instead of full fine-tuning, 8-bit or 4-bit weights (inference), 4-bit QLoRA, lower
+LoRA rank, fewer LoRA target modules, 8-bit or paged optimizer."""
 
 
 @dataclass
@@ -505,6 +527,7 @@ class Advice:
     needed: int | None = None
     recommended: list[str] = field(default_factory=list)
     replay: str = ""  # how faithful the replay on fake tensors is, where levers were replayed
+    frees: int | None = None  # what the recommended levers free together (less than their sum where they overlap)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -513,6 +536,7 @@ class Advice:
             "needed": self.needed,
             "recommended": self.recommended,
             "replay": self.replay,
+            "frees": self.frees,
         }
 
     @classmethod
@@ -523,6 +547,7 @@ class Advice:
             needed=data.get("needed"),
             recommended=list(data.get("recommended", [])),
             replay=str(data.get("replay", "")),
+            frees=data.get("frees"),
         )
 
 

@@ -82,6 +82,11 @@ class TrainingSetup:
     grad_forwards: int | None = None  # forwards run with autograd on, where the forwards were watched
     backward: bool | None = None  # a backward pass reached the model's outputs, where the forwards were watched
 
+    @property
+    def inference(self) -> bool:
+        """The forwards were watched and no backward reached the outputs: the test infers, it does not train."""
+        return self.backward is False
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

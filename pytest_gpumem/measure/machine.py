@@ -47,3 +47,11 @@ def replay_gpu(backend: str, estimate_gpu: str | None) -> Gpu:
         except BadValue:
             return find_gpu(f"{props.total_memory} B", "this GPU")
     return find_gpu(estimate_gpu or DEFAULT_GPU, "--gpumem-estimate-gpu")
+
+
+def visible_gpus(backend: str) -> int:
+    """The GPUs a test can spread a model over: the CUDA devices visible to this process (a pinned worker's
+    own), one for the estimate backend's GPU, none on the cpu backend."""
+    if backend == "cuda":
+        return torch.cuda.device_count()
+    return 1 if backend == "estimate" else 0

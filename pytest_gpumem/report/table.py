@@ -132,10 +132,13 @@ def cells(result: TestResult, warn_only: bool = False) -> list[str]:
 LEVER_NAMES = {
     "fix": "fix a setting",
     "batch": "smaller batch + accumulation",
+    "spread": "spread over the GPUs",
     "checkpointing": "gradient checkpointing",
     "seq": "shorter max_seq_length",
     "bf16": "bf16 mixed precision",
     "lora": "LoRA instead of full fine-tuning",
+    "weights8": "8-bit weights",
+    "weights4": "4-bit weights",
     "qlora": "4-bit QLoRA",
     "rank": "lower LoRA rank",
     "targets": "fewer LoRA target modules",
@@ -235,7 +238,7 @@ def recommendation(advice: Advice) -> str:
         return ""
     if not chosen:
         return f"no lever found that frees the {format_bytes(advice.needed)} needed"
-    total = sum(lever.saving for lever in chosen)
+    total = advice.frees if advice.frees is not None else sum(lever.saving for lever in chosen)
     names = " + ".join(LEVER_NAMES.get(lever.key, lever.key) for lever in chosen)
     enough = "enough" if total >= advice.needed else "not enough"
     return f"{names}: frees {format_bytes(total)} of the {format_bytes(advice.needed)} needed ({enough})"
