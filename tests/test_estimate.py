@@ -149,6 +149,20 @@ def test_known_gpus(text: str, name: str, memory: int) -> None:
     assert (gpu.name, gpu.memory) == (name, memory)
 
 
+@pytest.mark.parametrize(
+    "device, memory, name",
+    [
+        ("NVIDIA H200", 150_109_880_320, "H200"),
+        ("NVIDIA H100 80GB HBM3", 85_045_870_592, "H100"),
+        ("NVIDIA A100-SXM4-40GB", 42_298_834_944, "A100-40GB"),
+        ("NVIDIA GeForce RTX 4090", 25_393_692_672, "RTX-4090"),
+        ("NVIDIA B200", 191_468_634_112, "178.319GiB"),  # not in the catalogue: a GPU of its memory
+    ],
+)
+def test_a_cuda_device_is_the_catalogues_gpu_by_its_name_and_memory(device: str, memory: int, name: str) -> None:
+    assert gpus.device_gpu(device, memory).name == name
+
+
 def test_a_size_is_a_gpu() -> None:
     assert gpus.find_gpu("16GiB", "--gpu").memory == 16 * 2**30
 

@@ -180,6 +180,33 @@ def test_eval_mode_makes_checkpointing_a_no_op(checkpoint):
     )
 
 
+def test_eval_mode_is_the_layers_own_under_a_wrapper_in_train_mode(checkpoint):
+    """from_pretrained leaves the model in eval mode; the PeftModel made around it starts in train mode.
+    Checkpointing asks the layers, so the step runs in eval mode."""
+    model = lora_model(checkpoint, r=4)
+    model.get_base_model().eval()
+    assert model.training and not model.get_base_model().training
+    with Probe(model) as probe:
+        forward_backward(model)
+    setup = inspect_setup([model], [], {}, probe)
+    assert (setup.training, setup.checkpointing_effective) == (False, False)
+    assert keys(findings(setup)) == ["checkpointing_eval"]
+
+
+def test_whether_the_loop_holds_its_outputs_through_backward_is_seen(checkpoint):
+    """``outputs = model(...)`` keeps the logits alive through backward; ``model(...).loss`` lets them go."""
+    model = lora_model(checkpoint, r=4)
+    tokens = torch.randint(0, model.config.vocab_size, (BATCH, SEQ))
+    with Probe(model) as probe:
+        model(input_ids=tokens, labels=tokens).loss.backward()
+    assert (probe.observed.backward, probe.observed.outputs_kept) == (True, False)
+    with Probe(model) as probe:
+        outputs = model(input_ids=tokens, labels=tokens)
+        outputs.loss.backward()
+    assert (probe.observed.backward, probe.observed.outputs_kept) == (True, True)
+    assert inspect_setup([model], [], {}, probe).outputs_kept is True
+
+
 def test_a_checkpointing_flag_set_by_hand_recomputes_nothing(checkpoint):
     model = lora_model(checkpoint, gradient_checkpointing=False, r=4)
     model.get_base_model().model.gradient_checkpointing = True  # a common mistake: the flag, not the method

@@ -54,12 +54,12 @@ def test_forward8b__seq(llama_8b: Path) -> None:
 
 @pytest.mark.gpumem
 def test_forward8b__weights8(llama_8b: Path) -> None:
-    forward(llama_8b, bits=8)
+    forward(llama_8b, bits=8, inference=True)  # beside the fixed forward: the weights' own saving
 
 
 @pytest.mark.gpumem
 def test_forward8b__weights4(llama_8b: Path) -> None:
-    forward(llama_8b, bits=4)
+    forward(llama_8b, bits=4, inference=True)
 
 
 @pytest.mark.gpumem

@@ -675,12 +675,14 @@ def _spread_lever(s: Situation | None, gpus: int) -> Candidate | None:
     return Candidate("spread", action, Effect(weights=1 / gpus), basis)
 
 
-def _weights_levers(s: Situation | None) -> list[Candidate]:
+def _weights_levers(s: Situation | None, after_fix: bool) -> list[Candidate]:
     """Inference with 16- or 32-bit weights: the decoder's linear layers loaded in 8-bit (LLM.int8: one byte
     a weight and a float32 scale per output row) or in 4-bit NF4 with double quantization, through a
     ``BitsAndBytesConfig``; embeddings, norms and lm_head stay as they are. A quantized layer dequantizes
     (4-bit) or quantizes its input (8-bit) as it runs: that transient is one layer's and stays beside the
-    activations' peak."""
+    activations' peak. ``after_fix``: the forward runs with autograd on, for nothing; the saving is the
+    weights', counted for the forward fixed to run under ``torch.inference_mode()`` (with autograd on, what
+    quantized layers keep for backward differs from what 16-bit ones keep, either way)."""
     setup = s.setup if s else None
     if s is None or setup is None or setup.quant or s.shape is None or not s.peak.weights:
         return []
@@ -698,6 +700,8 @@ def _weights_levers(s: Situation | None) -> list[Candidate]:
         kind = "load_in_8bit" if bits == 8 else "load_in_4bit, nf4 with double quantization"
         action = f"load the weights in {bits}-bit (BitsAndBytesConfig({kind}))"
         basis = f"decoder linear weights {_fmt(linear * width)} -> {_fmt(quantized)}"
+        if after_fix:
+            basis += ", with the forward under torch.inference_mode() (the fix above)"
         levers.append(Candidate(key, action, Effect(weights=1 - freed / s.peak.weights), basis))
     return levers
 
@@ -716,7 +720,7 @@ def candidates(
             _spread_lever(s, gpus),
             _seq_lever(s, knobs),
             _bf16_lever(s, knobs, "bf16_not_applied" in keys),
-            *_weights_levers(s),
+            *_weights_levers(s, "inference_with_grad" in keys),
         ]
         return [c for c in inferring if c is not None]
     fixed_checkpointing = bool(keys & {"checkpointing_eval", "checkpointing_ineffective"})

@@ -150,3 +150,13 @@ def whole_segments(allocated_peak: int) -> int:
 def device_bytes(reserved: int, gpu: Gpu) -> int:
     """What NVML shows the process using: the allocator's reservation plus the CUDA context and libraries."""
     return reserved + gpu.context
+
+
+def device_gpu(name: str, memory: int) -> Gpu:
+    """The catalogue's GPU for a CUDA device as it names itself (``NVIDIA H100 80GB HBM3``) with its memory,
+    else a GPU of that memory."""
+    words = set(re.findall(r"[a-z0-9]+", name.lower()))
+    for gpu in GPUS.values():
+        if gpu.name.split("-")[0].lower() in words and abs(gpu.memory - memory) <= 0.1 * gpu.memory:
+            return gpu
+    return Gpu(f"{memory / GiB:g}GiB", memory)

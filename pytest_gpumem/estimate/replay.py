@@ -99,7 +99,7 @@ def plan(config: Any, setup: TrainingSetup, gpu: Gpu, workspaces: bool) -> tuple
         checkpointing=setup.checkpointing_variant or "reentrant",
         optimizer=optimizer,
         autocast=setup.autocast if setup.autocast in ("bfloat16", "float16") else None,
-        loop="plain",
+        loop="trainer" if setup.outputs_kept is False else "plain",
         use_cache=setup.use_cache,
     )
     return Replay(recipe, gpu, directory, str(getattr(text, "model_type", "") or "model"), workspaces), ""

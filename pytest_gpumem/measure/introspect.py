@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 import sys
+import weakref
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -81,6 +83,7 @@ class TrainingSetup:
     checkpointing_variant: str | None = None  # reentrant or non-reentrant, read from the model where it checkpoints
     grad_forwards: int | None = None  # forwards run with autograd on, where the forwards were watched
     backward: bool | None = None  # a backward pass reached the model's outputs, where the forwards were watched
+    outputs_kept: bool | None = None  # the loop held the model's output (its logits) through backward
 
     @property
     def inference(self) -> bool:
@@ -108,6 +111,7 @@ class Observed:
     matmul_dtype: str | None = None  # the first decoder linear layer's matmul dtype
     cache_kept: bool | None = None  # a forward returned past_key_values
     backward: bool = False  # a backward pass reached the logits
+    outputs_kept: bool | None = None  # the model's output was still referenced when backward reached the logits
     recomputed: bool = False  # a decoder layer ran again during a backward pass
 
 
@@ -185,6 +189,7 @@ class Probe:
         self._in_forward = False  # inside the top module's forward, gradients enabled or not
         self._recording = False  # inside a forward that is observed
         self._device = "cpu"
+        self._output: Callable[[], Any] = lambda: None  # a weak reference to the latest observed output
         # Set while the autograd engine runs a node: a submodule running then is being recomputed.
         self._current_node = getattr(torch._C, "_current_autograd_node", None)
         if not isinstance(model, torch.nn.Module):
@@ -192,6 +197,9 @@ class Probe:
         self._handles.append(model.register_forward_pre_hook(self._before, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._after, with_kwargs=True, always_call=True))
         layers = decoder_layers(model)
+        # Train or eval mode is the decoder layers' (checkpointing asks them): a wrapper made after loading (a
+        # PeftModel) starts in train mode around a model that from_pretrained left in eval mode.
+        self._mode_of = weakref.ref(layers[0] if layers else model)
         if not layers:
             return
         self._handles.append(layers[0].register_forward_hook(self._layer_output))
@@ -223,7 +231,8 @@ class Probe:
             return
         seen = self.observed
         seen.forwards += 1
-        seen.training = bool(seen.training) or module.training
+        decides = self._mode_of() or module
+        seen.training = bool(seen.training) or decides.training
         ids = kwargs.get("input_ids")
         if ids is None and args and isinstance(args[0], torch.Tensor):
             ids = args[0]
@@ -246,12 +255,16 @@ class Probe:
         if isinstance(logits, torch.Tensor):
             seen.logits_dtype = _dtype_name(logits.dtype)
             if not seen.backward and logits.requires_grad:
+                # Whether the loop still holds the output when its backward begins (``outputs = model(...)``)
+                # or let it go (``model(...).loss.backward()``, as Trainer does): its logits live on or not.
+                self._output = weakref.ref(output)
                 logits.register_hook(self._backward_reached)
         if module.training:
             seen.cache_kept = bool(seen.cache_kept) or getattr(output, "past_key_values", None) is not None
 
     def _backward_reached(self, grad: Any) -> None:
         self.observed.backward = True
+        self.observed.outputs_kept = self._output() is not None
 
     def _layer_output(self, module: Any, args: tuple[Any, ...], output: Any) -> None:
         if not self._recording:
@@ -319,6 +332,7 @@ def add_observed(setup: TrainingSetup, knobs: dict[str, Any], probe: Probe | Non
             setup.use_cache = seen.cache_kept
         if seen.recomputed or seen.backward:
             setup.checkpointing_effective = seen.recomputed
+            setup.outputs_kept = seen.outputs_kept
     setup.batch = knobs["batch"] if knobs.get("batch") is not None else seen.batch if seen else None
     setup.seq = knobs["seq"] if knobs.get("seq") is not None else seen.seq if seen else None
     return setup

@@ -8,8 +8,7 @@ from importlib import metadata
 import torch
 
 from pytest_gpumem.core.environment import SOFTWARE, device_key
-from pytest_gpumem.core.gpus import DEFAULT_GPU, Gpu, find_gpu
-from pytest_gpumem.core.units import BadValue
+from pytest_gpumem.core.gpus import DEFAULT_GPU, Gpu, device_gpu, find_gpu
 
 
 def software_versions() -> dict[str, str]:
@@ -42,10 +41,7 @@ def replay_gpu(backend: str, estimate_gpu: str | None) -> Gpu:
     its memory), the estimate backend's, or the catalogue's default on the cpu backend."""
     if backend == "cuda":
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        try:
-            return find_gpu(props.name, "this GPU")
-        except BadValue:
-            return find_gpu(f"{props.total_memory} B", "this GPU")
+        return device_gpu(props.name, props.total_memory)
     return find_gpu(estimate_gpu or DEFAULT_GPU, "--gpumem-estimate-gpu")
 
 

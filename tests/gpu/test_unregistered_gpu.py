@@ -42,11 +42,12 @@ def test_a_users_own_qlora_loop_gets_replayed_levers(advised: dict[str, dict]) -
     assert test["verdict"]["status"] == "over_budget"
     advice = test["advice"]
     found = levers(test)
-    for key in ("batch", "checkpointing", "seq", "rank", "targets", "optimizer"):
+    for key in ("batch", "checkpointing", "seq", "optimizer"):
         assert found[key]["source"] == "replayed", found[key]
-    # Checkpointing frees most of the activations: alone it covers what the budget needs.
-    assert found["checkpointing"]["saving"] > advice["needed"] > 0
-    assert "checkpointing" in advice["recommended"]
+    # Checkpointing frees most of the activations; a smaller batch with accumulation covers the need too,
+    # at a lower cost to quality, so it is recommended.
+    assert found["checkpointing"]["saving"] > found["batch"]["saving"] > advice["needed"] > 0
+    assert advice["recommended"] == ["batch"], advice
     # Fewer target modules frees far more than a lower rank (their inputs kept for the adapters go).
     assert found["targets"]["saving"] > 5 * found["rank"]["saving"] > 0
     assert "replayed this model on fake tensors" in advice["replay"], advice["replay"]
