@@ -42,9 +42,13 @@ from pytest_gpumem.advise.memory_model import (
     adam_8bit_bytes,
     attention_kernel,
     checkpoint_bytes,
+    final_norm_copy,
+    frozen_base_frees,
     layer_bytes,
     lora_tensor_sizes,
     nf4_bytes,
+    nf4_linear_bytes,
+    parameter_sizes,
 )
 from pytest_gpumem.advise.whatif import MissingKnob
 from pytest_gpumem.core.sample import LEVERS, Advice, Attribution, Breakdown, Lever
@@ -77,7 +81,8 @@ class Effect:
 
     ``recompute`` (gradient checkpointing) adds a moment of its own: backward recomputing one layer, when
     the layers hold their checkpoints plus that layer's activations (this share of all the layers'
-    activations) and the loss's tensors are gone.
+    activations) and the loss's tensors are gone. ``layer_cap`` bounds the layers' activations at any moment
+    (the KV cache gone: their highest less the cache; moments after the cache died stay as they were).
     """
 
     weights: float = 1.0
@@ -89,6 +94,7 @@ class Effect:
     accumulate: bool = False
     trainable: float = 1.0  # the share of trainable parameters kept; combines by min (LoRA, QLoRA)
     recompute: float = 0.0
+    layer_cap: float | None = None
 
     def then(self, other: Effect) -> Effect:
         """Both effects: factors multiply (halving the batch, then the sequence, leaves a quarter of the
@@ -103,12 +109,22 @@ class Effect:
             accumulate=self.accumulate or other.accumulate,
             trainable=min(self.trainable, other.trainable),
             recompute=self.recompute * other.layer + other.recompute * self.layer,
+            layer_cap=min(
+                (
+                    cap
+                    for cap in (_scaled(self.layer_cap, other.layer), _scaled(other.layer_cap, self.layer))
+                    if cap is not None
+                ),
+                default=None,
+            ),
         )
 
     def on(self, breakdown: Breakdown, stage: str, full_gradients: int) -> Breakdown:
         """The consumers of ``breakdown`` (taken in ``stage``) with this effect."""
         passes = stage in ("forward", "backward", "")
         layer = breakdown.layer_activations * self.layer
+        if self.layer_cap is not None:
+            layer = min(layer, self.layer_cap)
         other = (breakdown.activations - breakdown.layer_activations) * self.other
         if passes:
             other = max(0.0, other + self.other_add)
@@ -122,6 +138,10 @@ class Effect:
             activations=round(layer + other),
             layer_activations=round(layer),
         )
+
+
+def _scaled(cap: float | None, factor: float) -> float | None:
+    return None if cap is None else cap * factor
 
 
 NO_EFFECT = Effect()
@@ -357,20 +377,30 @@ def _inference_mode_fix(s: Situation | None) -> Candidate:
 
 
 def _half_weights_fix(s: Situation | None) -> Candidate:
-    """Weights loaded in float32 where the config names a half dtype: loading them in it halves them."""
+    """Weights loaded in float32 where the config names a half dtype: loading them in it halves them (LoRA's
+    adapters stay float32), and the hidden states run in it."""
     setup = s.setup if s else None
     dtype = setup.config_dtype if setup else None
     action = f"load the model in {dtype} (from_pretrained(..., dtype=torch.{dtype}))"
     if s is None or setup is None or not s.peak.weights or not setup.weight_bytes:
         return Candidate("fix", action, None, "")
-    halved = min(s.peak.weights, setup.weight_bytes) / 2
-    factor = max(0.0, 1 - halved / s.peak.weights)
-    return Candidate("fix", action, Effect(weights=factor), f"float32 weights {_fmt(setup.weight_bytes)} halve")
+    base = max(0, min(s.peak.weights, setup.weight_bytes) - setup.lora_params * (s.precision.adapter or 4))
+    factor = max(0.0, 1 - base / 2 / s.peak.weights)
+    basis = f"float32 weights {_fmt(base)} halve"
+    half = replace(s.precision, hidden=2, weight=2)
+    before, after = s.layer_model(), s.layer_model(half)
+    if before is None or after is None or s.shape is None or not s.tokens or not s.seq or s.precision.hidden != 4:
+        return Candidate("fix", action, Effect(weights=factor), basis)
+    layer = s.layer_factor(after.total(s.tokens, s.seq) / before.total(s.tokens, s.seq), checkpoints=0.5)
+    outside = final_norm_copy(s.shape, s.tokens, 2)
+    basis += f"; layer activations x {layer:.2f} in {dtype}"
+    return Candidate("fix", action, Effect(weights=factor, layer=layer, other_add=outside), basis)
 
 
 def _use_cache_fix(s: Situation | None) -> Candidate:
     """use_cache=True in training: the KV cache (concatenated copies of every layer's keys and values) lives
-    until backward. Where a fused attention kernel keeps those very tensors for backward, it costs nothing."""
+    as long as the model's output, through the loss at least, and until backward where the output is kept.
+    Where a fused attention kernel keeps those very tensors for backward, it costs nothing."""
     action = "set model.config.use_cache = False for training"
     if s is None or s.shape is None or not s.tokens:
         return Candidate("fix", action, None, "")
@@ -385,8 +415,8 @@ def _use_cache_fix(s: Situation | None) -> Candidate:
         return Candidate(
             "fix", action, Effect(), f"KV cache {_fmt(cache)}: the same tensors the {kernel} attention keeps anyway"
         )
-    factor = max(0.0, 1 - cache / s.layer_activations) if s.layer_activations else 1.0
-    return Candidate("fix", action, Effect(layer=factor), f"KV cache {_fmt(cache)} kept until backward")
+    cap = max(0, s.layer_activations - cache)
+    return Candidate("fix", action, Effect(layer_cap=cap), f"KV cache {_fmt(cache)} kept with the model's output")
 
 
 def _quant_incomplete_fix(s: Situation | None) -> Candidate:
@@ -482,7 +512,8 @@ def bf16_effect(s: Situation | None) -> tuple[Effect, str] | None:
     """bf16 autocast: the layers' activations change by the ratio of the layer model with and without
     autocast (matmul inputs kept in bf16, fused attention instead of math); the loss still works on float32
     logits, so the activations outside the layers stay, and a float32 lm_head is cast to bf16 once per
-    forward and kept for backward (its weights frozen, autocast does not cache the cast)."""
+    forward and kept for backward (its weights frozen, autocast does not cache the cast). A trainable
+    lm_head kept its input for its weight's gradient: a bf16 copy of it instead."""
     if s is None:
         return None
     p = s.precision
@@ -499,7 +530,10 @@ def bf16_effect(s: Situation | None) -> tuple[Effect, str] | None:
     basis = f"layer activations {_fmt(s.layer_activations)} x {factor:.2f} (modelled)"
     if head:
         basis += f"; lm_head cast to bf16 kept for backward +{_fmt(head)}"
-    return Effect(layer=factor, other_add=head), basis
+    head_input = tokens * s.shape.hidden * (p.hidden - 2) if s.shape and p.trainable_base else 0
+    if head_input > 0:
+        basis += f"; lm_head's input kept in bf16 -{_fmt(head_input)}"
+    return Effect(layer=factor, other_add=head - max(0, head_input)), basis
 
 
 def _bf16_lever(s: Situation | None, knobs: dict[str, Any], fixed: bool) -> Candidate | None:
@@ -530,17 +564,32 @@ def _lora_lever(s: Situation | None) -> Candidate | None:
     lora = sum(lora_tensor_sizes(s.shape, LORA_R, LINEAR_NAMES))
     share = min(1.0, lora * 4 / max(1, setup.trainable_bytes))  # LoRA's float32 against what trains now
     added = lora * 4 / s.peak.weights if s.peak.weights else 0.0
+    layer, outside = _frozen_base(s, replace(s.precision, adapter=4, lora_r=LORA_R, lora_targets=LINEAR_NAMES))
     basis = (
-        f"{setup.trainable_params / 1e6:.0f}M trainable parameters -> {lora / 1e6:.1f}M: gradients "
-        f"{_fmt(s.most('gradients'))} and optimizer state {_fmt(s.most('optimizer'))} x {share:.3f}"
+        f"{setup.trainable_params / 1e6:.1f}M trainable parameters -> {lora / 1e6:.1f}M: gradients "
+        f"{_fmt(s.most('gradients'))} and optimizer state {_fmt(s.most('optimizer'))} x {share:.3f}; "
+        f"layer activations x {layer:.2f}, {_fmt(outside)} fewer outside them (a frozen base keeps no inputs)"
     )
-    return Candidate("lora", action, Effect(weights=1 + added, trainable=share), basis)
+    return Candidate("lora", action, Effect(weights=1 + added, trainable=share, layer=layer, other_add=-outside), basis)
+
+
+def _frozen_base(s: Situation, lora: Precision) -> tuple[float, int]:
+    """The factor on the layers' activations and the bytes freed outside them when full fine-tuning turns
+    into LoRA of precision ``lora`` (the base frozen): no longer kept for the base weights' gradients."""
+    before, after = s.layer_model(), s.layer_model(replace(lora, trainable_base=False))
+    if before is None or after is None or s.shape is None or not s.tokens or not s.seq:
+        return 1.0, 0
+    ratio = s.layer_factor(after.total(s.tokens, s.seq) / before.total(s.tokens, s.seq))
+    if not s.precision.trainable_base:
+        return ratio, 0
+    return ratio, frozen_base_frees(s.shape, s.tokens, s.precision.hidden, s.checkpointed)
 
 
 def _qlora_lever(s: Situation | None) -> Candidate | None:
     """4-bit NF4 weights (double quantization) for the decoder's linear layers, and what
     ``prepare_model_for_kbit_training`` costs: the other parameters (embeddings, norms, lm_head) upcast to
-    float32, and with them the hidden states (the layer model with a float32 residual stream)."""
+    float32, and with them the hidden states (the layer model with a float32 residual stream). From full
+    fine-tuning, LoRA's float32 adapters come in and the frozen base keeps no inputs."""
     if s is None or s.setup.quant in ("nf4", "fp4"):
         return None
     setup = s.setup
@@ -549,11 +598,13 @@ def _qlora_lever(s: Situation | None) -> Candidate | None:
         return Candidate("qlora", action, None, "")
     linear = s.shape.decoder_linear_params()
     width = 1 if setup.quant == "int8" else (dtype_bytes(setup.weight_dtype) or 2)
-    freed = linear * width - nf4_bytes(linear, True)
+    packed = nf4_linear_bytes(s.shape, True)
+    freed = linear * width - packed
     others = max(0, setup.total_params - linear - setup.lora_params)
     upcast = others * max(0, 4 - (dtype_bytes(setup.weight_dtype) or 2))
-    weights = (s.peak.weights - freed + upcast) / s.peak.weights
     p = s.precision
+    adapters = 0 if p.adapter else sum(lora_tensor_sizes(s.shape, LORA_R, LINEAR_NAMES)) * 4
+    weights = (s.peak.weights - freed + upcast + adapters) / s.peak.weights
     prepared = replace(p, hidden=4, quantized=True, trainable_base=False)
     if not p.adapter:  # QLoRA trains LoRA adapters
         prepared = replace(prepared, adapter=4, lora_r=LORA_R, lora_targets=LINEAR_NAMES)
@@ -561,14 +612,19 @@ def _qlora_lever(s: Situation | None) -> Candidate | None:
     tokens, seq = s.tokens or 1, s.seq or 1
     ratio = after.total(tokens, seq) / before.total(tokens, seq) if before and after else 1.0
     ratio = s.layer_factor(ratio, checkpoints=4 / p.hidden)
+    outside = frozen_base_frees(s.shape, tokens, p.hidden, s.checkpointed) if p.trainable_base else 0
+    outside += final_norm_copy(s.shape, tokens, p.hidden) - final_norm_copy(s.shape, tokens, 4)
     trainable = 1.0
     if not setup.lora_r and setup.trainable_bytes:
-        trainable = min(1.0, sum(lora_tensor_sizes(s.shape, LORA_R, LINEAR_NAMES)) * 4 / setup.trainable_bytes)
+        trainable = min(1.0, adapters / setup.trainable_bytes)
     basis = (
-        f"linear weights {_fmt(linear * width)} -> {_fmt(nf4_bytes(linear, True))}; other parameters upcast to "
+        f"linear weights {_fmt(linear * width)} -> {_fmt(packed)}; other parameters upcast to "
         f"float32 +{_fmt(upcast)}; layer activations x {ratio:.2f} with float32 hidden states"
     )
-    return Candidate("qlora", action, Effect(weights=weights, layer=ratio, trainable=trainable), basis)
+    if adapters:
+        basis += f"; LoRA adapters +{_fmt(adapters)}, {_fmt(outside)} fewer activations outside the frozen layers"
+    effect = Effect(weights=weights, layer=ratio, trainable=trainable, other_add=-outside)
+    return Candidate("qlora", action, effect, basis)
 
 
 def _rank_lever(s: Situation | None) -> Candidate | None:
@@ -649,8 +705,11 @@ def _optimizer_lever(s: Situation | None, knobs: dict[str, Any]) -> Candidate | 
     if s is None or setup is None:
         return Candidate("optimizer", action, None, "", overrides=overrides)
     state = s.most("optimizer") or setup.optimizer_state_bytes or 0
+    full = parameter_sizes(s.shape, setup.trainable_params) if s.shape and s.precision.trainable_base else None
     if s.shape is not None and setup.lora_r and setup.lora_params == setup.trainable_params:
         sizes = lora_tensor_sizes(s.shape, setup.lora_r, s.precision.lora_targets)
+    elif full is not None and setup.trainable_params == setup.total_params:
+        sizes = full
     else:
         sizes = [MIN_8BIT_SIZE * 64] * max(1, setup.trainable_params // (MIN_8BIT_SIZE * 64))
     old = sum(8 * n for n in sizes)  # 32-bit Adam: two float32 states per element

@@ -155,7 +155,9 @@ def layer_bytes(shape: Shape, precision: Precision, attention: str | None, devic
     that are needed require):
 
     - each RMSNorm keeps its input in float32 (the input itself when the residual
-      stream is float32, else a float32 copy), and a float32 rsqrt per token;
+      stream is float32, else a float32 copy), and a float32 rsqrt per token; where
+      its weight trains, also the normalized input the weight multiplies; where the
+      base is frozen, the first layer's keeps nothing (its input needs no grad);
     - a group of linear layers reading one tensor (q/k/v; gate/up) keeps it for
       LoRA's A matrix (or a trainable base weight): once, shared, where it already
       has the dtype they compute in; else one cast copy per layer (peft casts it
@@ -201,8 +203,12 @@ def layer_bytes(shape: Shape, precision: Precision, attention: str | None, devic
     def projected(dtype: int) -> int:
         return dtype if p.quantized else (p.autocast or dtype)
 
-    linear: float = 2 * (4 * h + 4)  # the two RMSNorms: float32 input, float32 rsqrt
     x = p.hidden  # the norms' output dtype
+    linear: float = 2 * (4 * h + 4)  # the two RMSNorms: float32 input, float32 rsqrt
+    if p.trainable_base:
+        linear += 2 * h * x  # and, where their weights train, the normalized input the weights multiply
+    else:  # the first layer's input norm reads the frozen embeddings' output, which needs no grad: it keeps nothing
+        linear -= (4 * h + 4 if x != 4 else 4) / shape.layers
     kept, shared = group_input(h, x, ("q_proj", "k_proj", "v_proj"))
     linear += kept + (h * x if shared else 0)
     q = max(projected(x), p.hidden)  # RoPE multiplies by cos/sin of the hidden dtype
@@ -239,12 +245,39 @@ def checkpoint_bytes(shape: Shape, tokens: int, hidden: int) -> int:
     return shape.layers * tokens * shape.hidden * hidden
 
 
+def frozen_base_frees(shape: Shape, tokens: int, hidden: int, checkpointed: bool) -> int:
+    """What full fine-tuning keeps outside the decoder layers and a frozen base does not: the final norm's
+    normalized input (for its weight), lm_head's input (for its weight), and the embeddings' output, which
+    the first layer's norm keeps only where it requires grad (with checkpointing it is kept as a
+    checkpoint either way)."""
+    return (2 if checkpointed else 3) * tokens * shape.hidden * hidden
+
+
+def final_norm_copy(shape: Shape, tokens: int, hidden: int) -> int:
+    """What the final norm keeps outside the decoder layers: a float32 copy of its input where the hidden
+    states are not float32 (a float32 input is the last layer's output, kept as the layers' own)."""
+    return tokens * shape.hidden * 4 if hidden != 4 else 0
+
+
 def nf4_bytes(params: int, double_quant: bool) -> int:
     """Bytes of ``params`` weights in 4-bit: half a byte each, plus one absmax per 64 (float32; with double
     quantization uint8, plus a float32 per 256 absmax)."""
     blocks = math.ceil(params / NF4_BLOCK)
     stats = blocks + 4 * math.ceil(blocks / 256) if double_quant else 4 * blocks
     return params // 2 + stats
+
+
+DOUBLE_QUANT_STATE = 256 * 4 + 4
+"""Bytes each 4-bit weight with double quantization keeps besides its absmax: its own copy of the 8-bit
+quantization map of the absmax (256 float32) and their float32 offset."""
+
+
+def nf4_linear_bytes(shape: Shape, double_quant: bool) -> int:
+    """Bytes of the decoder's linear weights in 4-bit, weight by weight (each has its own absmax blocks and,
+    with double quantization, its own quantization state)."""
+    state = DOUBLE_QUANT_STATE if double_quant else 0
+    one_layer = sum(nf4_bytes(a * b, double_quant) + state for a, b in map(shape.linear_sizes, LINEAR_NAMES))
+    return shape.layers * one_layer
 
 
 def adam_8bit_bytes(numel: int) -> int:
@@ -262,6 +295,22 @@ def lora_tensor_sizes(shape: Shape, r: int, targets: Iterable[str]) -> list[int]
         fan_in, fan_out = shape.linear_sizes(name)
         sizes += [r * fan_in, r * fan_out] * shape.layers
     return sizes
+
+
+def parameter_sizes(shape: Shape, params: int) -> list[int] | None:
+    """Elements of every parameter tensor of a Llama-like model of ``params`` parameters: the decoder's
+    linear weights and norms, the final norm, then vocab x hidden tables (the embeddings, an untied
+    lm_head) and what remains as one tensor. None where ``params`` is smaller than the shape says."""
+    sizes = [a * b for a, b in map(shape.linear_sizes, LINEAR_NAMES)] * shape.layers
+    sizes += [shape.hidden] * (2 * shape.layers + 1)
+    rest = params - sum(sizes)
+    if rest < 0:
+        return None
+    table = shape.vocab * shape.hidden
+    while table and rest >= table:
+        sizes.append(table)
+        rest -= table
+    return [*sizes, rest] if rest else sizes
 
 
 def sdpa_kernel(half: bool, head_dim: int, grouped: bool, masked: bool, capability: tuple[int, int]) -> str:
