@@ -101,7 +101,11 @@ def test_a_failing_test_is_attributed_by_a_second_run_and_a_passing_one_is_not_r
     failing = tests["test_over_budget"]
     assert calls(pytester, "over_budget") == 2
     assert failing["rerun"]["reproduced"] is True, failing["rerun"]
-    assert failing["rerun"]["peak"] == failing["rerun"]["measured"] == failing["sample"]["phases"]["call"]["allocated"]["cpu"]
+    assert (
+        failing["rerun"]["peak"]
+        == failing["rerun"]["measured"]
+        == failing["sample"]["phases"]["call"]["allocated"]["cpu"]
+    )
     peak = failing["sample"]["attribution"]["peak"]
     total = peak["weights"] + peak["gradients"] + peak["optimizer"] + peak["activations"]
     assert abs(total - failing["rerun"]["measured"]) <= 0.02 * failing["rerun"]["measured"]
