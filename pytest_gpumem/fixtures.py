@@ -241,9 +241,9 @@ def train_step(gpumem: GpuMem, request: pytest.FixtureRequest) -> Callable[..., 
     """Run real optimizer steps, each a phase of the measurement: ``train_step(model, batch=2, seq=64,
     steps=2, accumulation=1, gradient_checkpointing=None, autocast=None, optimizer="adamw")``; returns the
     losses. The advisor sees the model and these knobs, and may run the step again with one knob changed."""
-    measurement = _measurement(request)
 
     def run(model: Any, **kwargs: Any) -> list[float]:
+        measurement = _measurement(request)  # at each call: a test run again to explain it has a second one
         if measurement is None:
             return training.train_steps(model, **kwargs, phase=gpumem.phase)
         bound = _TRAIN_STEPS.bind(model, **kwargs)

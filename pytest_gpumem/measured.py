@@ -179,9 +179,12 @@ class MeasuredTest:
         kept: list[Any] = []
         again = not context.attributes and result.verdict.status in EXPLAINED
         if result.verdict.oom is not None or (again and error is not None):
-            # What the failure holds would count in the second run (and the retry) as held by the test.
-            kept = self._free_failure(error, measurement)
-        explained = self._run_again(context, measurement, result) if again else measurement
+            # What the failure holds would count in the second run as held by the test; that run makes again
+            # what the body made, so the first run's models are kept only where there is none.
+            kept = self._free_failure(error, measurement, keep=not again)
+        explained = measurement
+        if again:
+            explained, kept = self._run_again(context, measurement, result)
         if result.verdict.oom is not None:
             assert self.spec is not None
             if self.spec.retry_on_oom is not None:
@@ -192,25 +195,27 @@ class MeasuredTest:
             result.snapshot = self._write_snapshot(context, measurement)
         self.result = result
 
-    def _run_again(self, context: Context, first: Measurement, result: TestResult) -> Measurement:
+    def _run_again(self, context: Context, first: Measurement, result: TestResult) -> tuple[Measurement, list[Any]]:
         """Run the test's body once more under a meter that keeps the attribution, with what its setup
         registered, and take the attribution (of the peak, or of the out-of-memory failure) and the advisor's
         evidence from it; ``result.rerun`` says whether it repeated the measured peak. Returns the second
-        run's measurement, finished. Its fixtures are not made again: the same values go to the body."""
+        run's measurement, finished, and the models and optimizers its failure held (for the retry and the
+        what-ifs). Its fixtures are not made again: the same values go to the body."""
         assert context.explaining_meter is not None and self.spec is not None
+        # What the body registered goes with its run (a step's closure would keep its model alive through the
+        # second run), before the collection the meter begins with; the second run registers it again. What
+        # the fixtures registered stays.
+        first.registration = first.registered_in_setup
         again = Measurement(context.explaining_meter(), limit=self.spec.device_limit)
         meter_guard = guard(context.meter)
         resident = rerun.held(meter_guard.in_use() if meter_guard else {}, self._in_use_at_start)
-        for model in first.registration.models:
-            again.register_model(model)
-        for optimizer in first.registration.optimizers:
-            again.registration.add_optimizer(optimizer)
-        again.registration.step = first.registration.step
-        again.registration.knobs.update(first.registration.knobs)
+        again.registration = first.registered_in_setup.copy()
+        for model in again.registration.models:
+            again.register_model(model)  # for the attribution's hooks and a probe
         call = result.sample.phases.get("call", {})
         allocated = call.get("allocated") or {}
         device = max(allocated, key=allocated.__getitem__, default="")  # the device the attribution is of
-        known, failure, raised = None, None, ""
+        known, failure, raised, kept = None, None, "", []
         self._again = again
         try:
             with again.phase("call"):
@@ -219,6 +224,8 @@ class MeasuredTest:
             raise
         except BaseException as error:  # noqa: BLE001 - the first run's outcome stands; this one only explains
             raised = _first_line(error)
+            # Kept for the retry and the what-ifs, as the first run's are: until now the frames held them.
+            kept = [*again.registration.models, *again.registration.optimizers]
             if again.attributor is not None:
                 failure = capture.capture(error, again.backend, again.limit, again.attributor)
             capture.drop_frames(error)
@@ -233,13 +240,13 @@ class MeasuredTest:
         second = again.phases.get("call", {})
         result.rerun = rerun.compare(call, second, resident, device, raised)
         if known is None:
-            return again
+            return again, kept
         attribution = rerun.complete(again.attribution, device, resident.get(device, 0), known)
         result.sample.attribution = rerun.beside_first(attribution, call)
         oom = result.verdict.oom
         if oom is not None and failure is not None and failure.attribution is not None:
             oom.attribution = rerun.complete(failure.attribution, device, resident.get(device, 0), known)
-        return again
+        return again, kept
 
     def _unseen(self, context: Context, measurement: Measurement) -> bool:
         """Whether the meter could not see the test at all (the estimate backend, for a test whose tensors are
@@ -266,12 +273,12 @@ class MeasuredTest:
         )
         return TestResult(nodeid, env.hardware, sample, verdict, passed, baseline)
 
-    def _free_failure(self, error: BaseException | None, measurement: Measurement) -> list[Any]:
+    def _free_failure(self, error: BaseException | None, measurement: Measurement, keep: bool = True) -> list[Any]:
         """Free what a test that ran out of memory still holds through its traceback (the failed step's
         tensors), keeping its registered model and optimizers, which the retry and the what-ifs run again.
         The failure is rendered first, as pytest would render it, since its frames' locals go. Under --pdb
         the frames are left for the debugger."""
-        kept = [*measurement.registration.models, *measurement.registration.optimizers]
+        kept = [*measurement.registration.models, *measurement.registration.optimizers] if keep else []
         if error is not None and not self.item.config.getoption("usepdb", False):
             self.longrepr = self.item.repr_failure(pytest.ExceptionInfo.from_exception(error))
             capture.drop_frames(error)

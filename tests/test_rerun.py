@@ -151,3 +151,40 @@ def test_an_out_of_memory_failure_is_attributed_at_the_failure_of_the_second_run
     peak = oom["attribution"]["peak"]
     assert peak["weights"] == sum(4 * n for n in (256 * 512, 512, 512 * 256, 256))
     assert peak["activations"] > 0
+
+
+OWN_STEP = """
+import pytest
+import torch
+
+
+@pytest.mark.gpumem(budget="1 MiB")
+def test_own_step(gpumem):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 256))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step(batch=64):
+        model(torch.randn(batch, 256)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    gpumem.register(model=model, optimizer=optimizer, step=step, batch=64)
+    step()
+"""
+
+
+def test_a_step_registered_in_the_body_is_registered_again_by_the_second_run(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(FAST_ON_CPU)
+    pytester.makepyfile(test_own=OWN_STEP)
+    documents = {}
+    for mode in ("auto", "always"):
+        pytester.runpytest(f"--gpumem-json={mode}.json", "-p", "no:cacheprovider", f"--gpumem-attribute={mode}")
+        documents[mode] = json.loads((pytester.path / f"{mode}.json").read_text())["tests"][0]
+    fast, always = documents["auto"], documents["always"]
+    # The first run's model, held by the step it registered, is not alive beside the second run's.
+    assert fast["rerun"]["reproduced"] is True, fast["rerun"]
+    assert fast["sample"]["attribution"] == always["sample"]["attribution"]
+    levers = {lever["key"]: lever for lever in fast["advice"]["levers"]}
+    assert levers["batch"]["source"] == "measured"  # the second run's step, run again by the what-ifs
+    assert levers["batch"]["saving"] == {lv["key"]: lv for lv in always["advice"]["levers"]}["batch"]["saving"]

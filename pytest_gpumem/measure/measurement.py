@@ -72,6 +72,9 @@ class Registration:
         if all(ref() is not optimizer for ref in self._optimizers):
             self._optimizers.append(weakref.ref(optimizer))
 
+    def copy(self) -> Registration:
+        return Registration(list(self._models), list(self._optimizers), self.step, dict(self.knobs))
+
 
 _active: Measurement | None = None
 
@@ -109,6 +112,7 @@ class Measurement:
         self._overall: Peaks = {}
         self.finished = False
         self.registration = Registration()
+        self.registered_in_setup = Registration()  # what was registered before the call phase (by fixtures)
         self.attribution: Attribution | None = None
         self.probe: Any = None  # an introspect.Probe on the latest registered model
         self.fits: list[Fit] = []  # searches the test ran with gpumem.max_fit
@@ -159,6 +163,8 @@ class Measurement:
         self._close_segment()
         self.phases.setdefault(name, {})
         self._open.append(name)
+        if name == "call":
+            self.registered_in_setup = self.registration.copy()
         if self._attributor is not None:
             self._attributor.tracker.phase = name
             if name == "call":
