@@ -3,7 +3,8 @@
 # on a machine with a CUDA GPU. Steps, in this order (name some to run only those):
 #   advisor      advisor-accuracy.md: Llama 1B shape, nf4, LoRA r16, batch 4 x seq 1024, without and with
 #                gradient checkpointing; every lever estimated and measured
-#   attribution  attribution-cuda.md: the same 1B step with the attribution off and on
+#   attribution  attribution-cuda.md: the same 1B step plain, on the fast path, with the allocator's trace and
+#                with the tracker, interleaved; what explaining a failed test costs each way
 #   overhead     overhead-cuda.md: 200 small tests with the plugin and without, five rounds
 #   examples     gpu-examples.md: the example suite at tiny and 1b, recorded, then run again against that
 #   gpus         gpus-<N>x<GPU>.md and .json: the example suite serial, pinned and packed

@@ -24,10 +24,19 @@ from pytest_gpumem.stash import MEASURED, settings_of
 
 
 class GpuMem:
-    """What a test sees of its own measurement."""
+    """What a test sees of its own measurement: ``measurement``, or the one a callable says is running now
+    (a test run again to explain it has a second measurement)."""
 
-    def __init__(self, measurement: Measurement) -> None:
-        self._measurement = measurement
+    def __init__(self, measurement: Measurement | Callable[[], Measurement | None]) -> None:
+        self._source = measurement
+
+    @property
+    def _measurement(self) -> Measurement:
+        if isinstance(self._source, Measurement):
+            return self._source
+        current = self._source()
+        assert current is not None, "gpumem: the test's measurement has ended"
+        return current
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -114,7 +123,7 @@ def gpumem(request: pytest.FixtureRequest) -> GpuMem:
     test = request.node.stash.get(MEASURED, None)
     if test is None or test.measurement is None:
         raise pytest.UsageError(f"gpumem fixture: {request.node.nodeid} is not measured (is the plugin disabled?)")
-    return GpuMem(test.measurement)
+    return GpuMem(test.current)
 
 
 @pytest.fixture(scope="session")
@@ -131,7 +140,7 @@ def _measurement(request: pytest.FixtureRequest) -> Measurement | None:
     """The test's measurement; None where the plugin is disabled (``-p no:gpumem``): the model fixtures
     still load and train then, unmeasured."""
     test = request.node.stash.get(MEASURED, None)
-    return test.measurement if test is not None else None
+    return test.current() if test is not None else None
 
 
 def _loading(measurement: Measurement | None) -> AbstractContextManager[None]:
@@ -232,9 +241,9 @@ def train_step(gpumem: GpuMem, request: pytest.FixtureRequest) -> Callable[..., 
     """Run real optimizer steps, each a phase of the measurement: ``train_step(model, batch=2, seq=64,
     steps=2, accumulation=1, gradient_checkpointing=None, autocast=None, optimizer="adamw")``; returns the
     losses. The advisor sees the model and these knobs, and may run the step again with one knob changed."""
-    measurement = _measurement(request)
 
     def run(model: Any, **kwargs: Any) -> list[float]:
+        measurement = _measurement(request)  # at each call: a test run again to explain it has a second one
         if measurement is None:
             return training.train_steps(model, **kwargs, phase=gpumem.phase)
         bound = _TRAIN_STEPS.bind(model, **kwargs)

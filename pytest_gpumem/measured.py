@@ -6,6 +6,15 @@ capture and pytest-timeout's timer) it is judged, and a test that failed on
 memory is explained: the retry search and the advisor's what-ifs run the
 test's training step again there. After its teardown, what it left alive is
 judged as a leak. The report then only carries the result.
+
+The fast path: on the backends of :data:`ON_DEMAND_BACKENDS` (unless the
+settings ask for the attribution of every test) a test is measured by the
+meter's statistics alone, without the attribution's tracker, discovery's
+hooks or a probe. A test that has something to explain (it failed on memory,
+regressed or improved) then runs its body once more, right there, with all
+of them (:meth:`MeasuredTest._run_again`): its attribution and the advisor's
+evidence come from that second run, and the report says whether it repeated
+the measured peak (see :mod:`pytest_gpumem.measure.rerun`).
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ from pytest_gpumem.core.sample import (
 from pytest_gpumem.core.store import BaselineStore
 from pytest_gpumem.core.units import BadValue
 from pytest_gpumem.estimate.replay import Replay, plan
-from pytest_gpumem.measure import collector, introspect, snapshot, trainer
+from pytest_gpumem.measure import collector, introspect, rerun, snapshot, trainer
 from pytest_gpumem.measure.discovery import Discovery, Found
 from pytest_gpumem.measure.introspect import TrainingSetup
 from pytest_gpumem.measure.measurement import Measurement
@@ -53,11 +62,33 @@ tensors: on the cpu backend the attribution's estimates describe the CPU's own r
 checkpointing lever of a tiny Llama LoRA loop, replayed 33% under what the CPU run saved, estimated within
 0.1%)."""
 
+ON_DEMAND_BACKENDS = ("cuda",)
+"""Backends whose tests are measured on the fast path under ``--gpumem-attribute=auto``, and run again for
+their attribution where there is something to explain. On cuda the allocator keeps the statistics, and the
+tracker beside it costs Python work per operator (1.4x a QLoRA step on an H200). On cpu and estimate the
+meter is a storage tracker already: the attribution's records cost little beside it."""
+
+EXPLAINED = ("regression", "over_budget", "oom", "improved")
+"""The verdicts whose test is run again on the fast path, for its attribution and the advisor's evidence."""
+
+
+def attributes_every_test(settings: Settings, backend: str) -> bool:
+    """Whether the meter keeps the attribution of every measured test (else: the fast path). Explaining
+    every test and recording baselines (which keep the attribution) ask for it."""
+    return (
+        settings.attribute == "always"
+        or settings.explain == "all"
+        or settings.update_baselines
+        or backend not in ON_DEMAND_BACKENDS
+    )
+
 
 @dataclass
 class Context:
     """What a measured test needs of the run: its settings, its meter and environment (made when the first
-    measured test runs), its baselines, and how to make another meter for a re-run."""
+    measured test runs), its baselines, and how to make another meter for a re-run. ``attributes``: the meter
+    keeps the attribution of every test; else ``explaining_meter`` gives the one (with the attribution) that a
+    test with something to explain runs again under."""
 
     settings: Settings
     meter: Meter
@@ -66,6 +97,8 @@ class Context:
     new_meter: Callable[..., Meter]  # new_meter(attribute=False): a fresh meter of the run's backend
     replay_gpu: Gpu  # the GPU a test's own model is replayed as, where it registered no step
     gpus: int = 0  # the GPUs visible to the tests (0 on the cpu backend)
+    attributes: bool = True
+    explaining_meter: Callable[[], Meter] | None = None
     errors: list[str] = field(default_factory=list)
 
 
@@ -81,6 +114,12 @@ class MeasuredTest:
         self.result: TestResult | None = None
         self.leak: Leak | None = None
         self.longrepr: Any = None  # the failure, rendered before its frames were freed
+        self._again: Measurement | None = None  # the second run's measurement, while it runs
+        self._in_use_at_start: dict[str, int] = {}  # on the fast path, what the meter counted in use at start
+
+    def current(self) -> Measurement | None:
+        """The measurement running now (the second run's while the test runs again), for the fixtures."""
+        return self._again or self.measurement
 
     # -- setup and call
 
@@ -105,11 +144,17 @@ class MeasuredTest:
         collector.freeze_between_tests()  # later collections skip what earlier tests left (see collector)
         try:
             self.measurement = Measurement(
-                context.meter, snapshot=settings.snapshot is not None, limit=self.spec.device_limit
+                context.meter,
+                snapshot=settings.snapshot is not None,
+                limit=self.spec.device_limit,
+                explain=context.attributes,
             )
         except ValueError as exc:  # a device limit this backend or device cannot enforce
             self.error = f"gpumem: {self.item.nodeid}: {exc}"
             return False
+        if not context.attributes:
+            meter_guard = guard(context.meter)
+            self._in_use_at_start = meter_guard.in_use() if meter_guard is not None else {}
         trainer.install()  # a transformers Trainer made by the test reports its model, optimizer and steps
         return True
 
@@ -134,16 +179,76 @@ class MeasuredTest:
         result = self._judge(context, measurement, passed=error is None)
         result.fits = list(measurement.fits)
         kept: list[Any] = []
+        again = not context.attributes and result.verdict.status in EXPLAINED
+        if result.verdict.oom is not None or (again and error is not None):
+            # What the failure holds would count in the second run as held by the test; that run makes again
+            # what the body made, so the first run's models are kept only where there is none.
+            kept = self._free_failure(error, measurement, keep=not again)
+        explained = measurement
+        if again:
+            explained, kept = self._run_again(context, measurement, result)
         if result.verdict.oom is not None:
-            kept = self._free_failure(error, measurement)
             assert self.spec is not None
             if self.spec.retry_on_oom is not None:
-                result.fits.append(self._retry(context, measurement, self.spec))
-        result.advice = self._advise(context, measurement, result)
-        del kept  # the model and optimizers kept alive for the retry and the what-ifs
+                result.fits.append(self._retry(context, explained, self.spec))
+        result.advice = self._advise(context, explained, result)
+        del kept, explained  # the model and optimizers kept alive for the retry and the what-ifs
         if context.settings.snapshot is not None and result.verdict.status in ("regression", "over_budget"):
             result.snapshot = self._write_snapshot(context, measurement)
         self.result = result
+
+    def _run_again(self, context: Context, first: Measurement, result: TestResult) -> tuple[Measurement, list[Any]]:
+        """Run the test's body once more under a meter that keeps the attribution, with what its setup
+        registered, and take the attribution (of the peak, or of the out-of-memory failure) and the advisor's
+        evidence from it; ``result.rerun`` says whether it repeated the measured peak. Returns the second
+        run's measurement, finished, and the models and optimizers its failure held (for the retry and the
+        what-ifs). Its fixtures are not made again: the same values go to the body."""
+        assert context.explaining_meter is not None and self.spec is not None
+        # What the body registered goes with its run (a step's closure would keep its model alive through the
+        # second run), before the collection the meter begins with; the second run registers it again. What
+        # the fixtures registered stays.
+        first.registration = first.registered_in_setup
+        again = Measurement(context.explaining_meter(), limit=self.spec.device_limit)
+        meter_guard = guard(context.meter)
+        resident = rerun.held(meter_guard.in_use() if meter_guard else {}, self._in_use_at_start)
+        again.registration = first.registered_in_setup.copy()
+        for model in again.registration.models:
+            again.register_model(model)  # for the attribution's hooks and a probe
+        call = result.sample.phases.get("call", {})
+        allocated = call.get("allocated") or {}
+        device = max(allocated, key=allocated.__getitem__, default="")  # the device the attribution is of
+        known, failure, raised, kept = None, None, "", []
+        self._again = again
+        try:
+            with again.phase("call"):
+                self.item.runtest()
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as error:  # noqa: BLE001 - the first run's outcome stands; this one only explains
+            raised = _first_line(error)
+            # Kept for the retry and the what-ifs, as the first run's are: until now the frames held them.
+            kept = [*again.registration.models, *again.registration.optimizers]
+            if again.attributor is not None:
+                failure = capture.capture(error, again.backend, again.limit, again.attributor)
+            capture.drop_frames(error)
+        finally:
+            self._again = None
+            if again.attributor is not None:
+                models = [*again.registration.models, *again.discovery.models]
+                optimizers = [*again.registration.optimizers, *again.discovery.optimizers]
+                known = rerun.untracked(models, optimizers, again.attributor.tracker, device)
+            again.finish()
+        capture.release_cached()
+        second = again.phases.get("call", {})
+        result.rerun = rerun.compare(call, second, resident, device, raised)
+        if known is None:
+            return again, kept
+        attribution = rerun.complete(again.attribution, device, resident.get(device, 0), known)
+        result.sample.attribution = rerun.beside_first(attribution, call)
+        oom = result.verdict.oom
+        if oom is not None and failure is not None and failure.attribution is not None:
+            oom.attribution = rerun.complete(failure.attribution, device, resident.get(device, 0), known)
+        return again, kept
 
     def _unseen(self, context: Context, measurement: Measurement) -> bool:
         """Whether the meter could not see the test at all (the estimate backend, for a test whose tensors are
@@ -170,12 +275,12 @@ class MeasuredTest:
         )
         return TestResult(nodeid, env.hardware, sample, verdict, passed, baseline)
 
-    def _free_failure(self, error: BaseException | None, measurement: Measurement) -> list[Any]:
+    def _free_failure(self, error: BaseException | None, measurement: Measurement, keep: bool = True) -> list[Any]:
         """Free what a test that ran out of memory still holds through its traceback (the failed step's
         tensors), keeping its registered model and optimizers, which the retry and the what-ifs run again.
         The failure is rendered first, as pytest would render it, since its frames' locals go. Under --pdb
         the frames are left for the debugger."""
-        kept = [*measurement.registration.models, *measurement.registration.optimizers]
+        kept = [*measurement.registration.models, *measurement.registration.optimizers] if keep else []
         if error is not None and not self.item.config.getoption("usepdb", False):
             self.longrepr = self.item.repr_failure(pytest.ExceptionInfo.from_exception(error))
             capture.drop_frames(error)
@@ -344,3 +449,9 @@ def _setup_of(measurement: Measurement, found: Found | None, discovery: Discover
     # A forward that raised (out of memory) never reached its backward: that says nothing.
     setup.backward = found.calls.backward if not found.calls.raised else None
     return setup
+
+
+def _first_line(error: BaseException) -> str:
+    """``TypeName: the first line of its message``."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__

@@ -30,8 +30,8 @@ from pytest_gpumem.fixtures import (  # noqa: F401  (the fixtures are registered
 )
 from pytest_gpumem.measure import collector
 from pytest_gpumem.measure.machine import hardware_key, replay_gpu, software_versions, visible_gpus
-from pytest_gpumem.measure.meters.base import guard
-from pytest_gpumem.measured import Context, MeasuredTest
+from pytest_gpumem.measure.meters.base import Meter, guard
+from pytest_gpumem.measured import Context, MeasuredTest, attributes_every_test
 from pytest_gpumem.report.terminal import failure_message, leak_message
 from pytest_gpumem.results import LEAK, RESULT, RunResults
 from pytest_gpumem.stash import MEASURED, SETTINGS
@@ -117,6 +117,7 @@ class GpuMemPlugin:
         self.is_worker = hasattr(config, "workerinput")
         self.results = RunResults(settings, store)
         self._context: Context | None = None
+        self._explaining: Meter | None = None
         self.controller: workers.Controller | None = None  # with xdist and pinning or packing, on the controller
 
     # -- the meter and the environment, made when the first measured test runs
@@ -126,9 +127,13 @@ class GpuMemPlugin:
         if self._context is None:
             settings = self.settings
             try:
+                attributes = attributes_every_test(settings, backend.resolve_backend(settings.backend))
                 # Workers that share a GPU count only their own process's use of it as `device`.
                 meter = backend.create(
-                    settings.backend, gpu=settings.estimate_gpu, own_process=settings.pack and self.is_worker
+                    settings.backend,
+                    attribute=attributes,
+                    gpu=settings.estimate_gpu,
+                    own_process=settings.pack and self.is_worker,
                 )
             except backend.NoBackend as exc:
                 raise pytest.UsageError(f"--gpumem-backend {settings.backend}: {exc}") from None
@@ -143,9 +148,19 @@ class GpuMemPlugin:
                 ),
                 replay_gpu=replay_gpu(meter.backend, settings.estimate_gpu),
                 gpus=visible_gpus(meter.backend),
+                attributes=attributes,
+                explaining_meter=self._explaining_meter,
                 errors=self.results.errors,
             )
         return self._context
+
+    def _explaining_meter(self) -> Meter:
+        """The meter, with the attribution, that a test measured on the fast path runs again under: made
+        once, when the first test has something to explain."""
+        if self._explaining is None:
+            context = self.context
+            self._explaining = backend.create(context.meter.backend, attribute=True, gpu=self.settings.estimate_gpu)
+        return self._explaining
 
     def _is_measured(self, item: pytest.Item) -> bool:
         return (

@@ -90,6 +90,18 @@ OPTIONS = (
         choices=("failed", "all", "none"),
     ),
     Option(
+        "attribute",
+        "when the attribution (weights, gradients, optimizer state and activations at the peak) and the "
+        "advisor's evidence (the models and optimizers a test runs) are recorded: auto (on cuda a measured test "
+        "runs on the allocator's statistics alone, and one that fails on memory, regresses or improves is run "
+        "once more, inside its call, with them; the report says whether that run repeated the measured peak; "
+        "on cpu and estimate, whose meters track storages anyway, every test) or always (every measured test, "
+        "at the tracker's cost per operator). --gpumem-explain=all and --gpumem-update-baselines imply always. "
+        "Default: auto.",
+        kind="choice",
+        choices=("auto", "always"),
+    ),
+    Option(
         "device_limit",
         "run every measured test with each device capped at this size ('16 GiB'), as on a smaller GPU: "
         "through the allocator's memory fraction on cuda, by the meter on cpu. A marker's device_limit wins.",
@@ -173,6 +185,7 @@ class Settings:
     warn_only: bool = False
     model_path: Path | None = None
     explain: str = "failed"
+    attribute: str = "auto"
     device_limit: int | None = None
     leak: Tolerance | bool | None = None  # None: flag leftovers over 1 MiB; False: no check; else a limit
     snapshot: Path | None = None

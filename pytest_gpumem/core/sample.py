@@ -552,6 +552,37 @@ class Advice:
 
 
 @dataclass
+class Rerun:
+    """The second run that explained a test measured without the attribution (the fast path).
+
+    The test's body ran once more, inside its call phase, with the attribution's
+    tracker and the advisor's hooks on; the attribution and the advice come
+    from that run. ``measured`` is the first run's call peak of allocated bytes
+    on ``device``, ``peak`` the second run's, both above what was resident
+    before the test's setup: the allocated peak of a deterministic test repeats
+    to the byte, so a difference means the attribution describes another run
+    than the one judged. ``error`` names what the second run raised, if
+    anything (an out-of-memory error repeated is expected).
+    """
+
+    device: str
+    measured: int
+    peak: int
+    error: str = ""
+
+    @property
+    def reproduced(self) -> bool:
+        return self.peak == self.measured
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "reproduced": self.reproduced}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Rerun:
+        return cls(str(data["device"]), int(data["measured"]), int(data["peak"]), str(data.get("error", "")))
+
+
+@dataclass
 class TestResult:
     """Everything known about one measured test, as reporters and the store need it.
 
@@ -572,6 +603,7 @@ class TestResult:
     leak: Leak | None = None  # what it left alive after its teardown (None: not checked)
     fits: list[Fit] = field(default_factory=list)  # searches for the largest knob value that fits
     retried: Verdict | None = None  # packed: the verdict of its first run, out of memory beside other tests
+    rerun: Rerun | None = None  # the second run its attribution came from, on the fast path
 
     def to_dict(self) -> dict[str, Any]:
         data = {
@@ -588,6 +620,8 @@ class TestResult:
         }
         if self.retried is not None:  # only where there is one, so other results read as before
             data["retried"] = self.retried.to_dict()
+        if self.rerun is not None:
+            data["rerun"] = self.rerun.to_dict()
         return data
 
     @classmethod
@@ -604,6 +638,7 @@ class TestResult:
             leak=Leak.from_dict(data["leak"]) if data.get("leak") else None,
             fits=[Fit.from_dict(fit) for fit in data.get("fits", [])],
             retried=Verdict.from_dict(data["retried"]) if data.get("retried") else None,
+            rerun=Rerun.from_dict(data["rerun"]) if data.get("rerun") else None,
         )
 
 

@@ -72,6 +72,9 @@ class Registration:
         if all(ref() is not optimizer for ref in self._optimizers):
             self._optimizers.append(weakref.ref(optimizer))
 
+    def copy(self) -> Registration:
+        return Registration(list(self._models), list(self._optimizers), self.step, dict(self.knobs))
+
 
 _active: Measurement | None = None
 
@@ -84,8 +87,12 @@ def active() -> Measurement | None:
 class Measurement:
     """Measures one test from ``begin`` (in the constructor) to :meth:`finish`."""
 
-    def __init__(self, meter: Meter, snapshot: bool = False, limit: int | None = None) -> None:
+    def __init__(self, meter: Meter, snapshot: bool = False, limit: int | None = None, explain: bool = True) -> None:
+        """``explain``: also keep the advisor's evidence (discovery's global hooks, a probe on each registered
+        model); without it, and with a meter that keeps no tracker, the test pays for the allocator's
+        statistics only (the fast path), and what it registers is only kept."""
         self._meter = meter
+        self.explain = explain
         self.limit = limit  # the device limit in force while it measures (None: the device's own memory)
         if limit is not None:
             guard = base.guard(meter)
@@ -105,13 +112,15 @@ class Measurement:
         self._overall: Peaks = {}
         self.finished = False
         self.registration = Registration()
+        self.registered_in_setup = Registration()  # what was registered before the call phase (by fixtures)
         self.attribution: Attribution | None = None
         self.probe: Any = None  # an introspect.Probe on the latest registered model
         self.fits: list[Fit] = []  # searches the test ran with gpumem.max_fit
         self._spans: list[Peaks] = []  # the peaks of each open span()
         # Last, so that nothing above can fail with the environment changed: child processes see it.
         self._ranks = ranks.RankDirectory(meter.backend)
-        self.discovery.start()
+        if explain:
+            self.discovery.start()
         global _active
         _active = self
 
@@ -154,6 +163,8 @@ class Measurement:
         self._close_segment()
         self.phases.setdefault(name, {})
         self._open.append(name)
+        if name == "call":
+            self.registered_in_setup = self.registration.copy()
         if self._attributor is not None:
             self._attributor.tracker.phase = name
             if name == "call":
@@ -190,7 +201,8 @@ class Measurement:
         self.registration.add_model(model)
         if self._attributor is not None:
             self._attributor.register_model(model)
-
+        if not self.explain:
+            return
         if self.probe is not None:
             self.probe.detach()
         self.probe = Probe(model)

@@ -358,11 +358,31 @@ def notes(results: list[TestResult], warn_only: bool = False, updating: bool = F
             lines.append(f"{'fit' if fit.purpose else 'retry'}: {result.nodeid}: {fit_text(fit)}")
         if result.retried is not None:
             lines.append(f"retried alone: {result.nodeid}: {retried_text(result)}")
+        if result.rerun is not None and not result.rerun.reproduced:
+            lines.append(f"rerun: {result.nodeid}: {rerun_text(result)}")
 
     failed = sum(r.verdict.status in FAILING for r in results)
     if warn_only and failed:
         lines.append(f"warn-only: {plural(failed, 'memory failure')} reported but not enforced")
     return lines
+
+
+def rerun_text(result: TestResult) -> str:
+    """Where a fast-path test's attribution came from: its second run, and whether that run repeated the
+    measured peak; empty for a test attributed as it ran."""
+    again = result.rerun
+    if again is None:
+        return ""
+    text = "the attribution comes from a second run of the test, which "
+    if again.reproduced:
+        text += f"repeated its peak to the byte ({format_bytes(again.peak)})"
+    else:
+        text += (
+            f"did not repeat its peak: {format_bytes(again.peak)} ({again.peak} B) against "
+            f"{format_bytes(again.measured)} ({again.measured} B) measured, "
+            f"{format_delta(again.peak - again.measured)}, so it describes that run"
+        )
+    return text + (f"; it raised {again.error}" if again.error else "")
 
 
 def retried_text(result: TestResult) -> str:

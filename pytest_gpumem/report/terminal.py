@@ -27,6 +27,7 @@ from pytest_gpumem.report.table import (
     oom_lines,
     ordered,
     recommendation,
+    rerun_text,
     top_lever,
     where,
 )
@@ -103,6 +104,8 @@ def failure_message(result: TestResult) -> str:
     attribution = current_attribution(result)
     if attribution is not None:
         add("at", where(attribution))
+    if rerun_text(result):
+        add("rerun", rerun_text(result))
     grown = grown_consumer(result)
     if grown:
         add("grew", grown)
@@ -160,6 +163,8 @@ def explanation_lines(result: TestResult) -> list[str]:
     if attribution is not None:
         moment = "out of memory" if result.verdict.oom is not None else "peak"
         lines.append(f"  {moment} at {where(attribution)}")
+        if rerun_text(result):
+            lines.append(f"  {rerun_text(result)}")
         rows = attribution_rows(result)
         lines += _aligned(["consumer", "baseline", "now", "delta"], rows, [False, True, True, True], indent="  ")
     if advice is not None:

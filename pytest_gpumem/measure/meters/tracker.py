@@ -330,6 +330,13 @@ class StorageTracker(TorchDispatchMode):
         if entry is not None:
             entry[1][4] = category
 
+    def tracks(self, tensor: Any) -> bool:
+        """Whether ``tensor``'s storage was made while the tracker ran, and is alive."""
+        try:
+            return tensor.untyped_storage()._cdata in self._live
+        except (AttributeError, RuntimeError, NotImplementedError):
+            return False
+
     def breakdown(self, device: str, seq: int) -> list[int]:
         """Bytes on ``device`` alive at moment ``seq``, per category, plus the layer-made activations."""
         totals = [0, 0, 0, 0, 0]
