@@ -308,7 +308,9 @@ class MeasuredTest:
             measure = whatif.make_measure(registration, context.new_meter)
         failure = result.verdict.oom
         unlimited = None
-        if failure is not None and failure.limit is not None and measure is None and policy != "none":
+        # Only a test that ran a model of its own: running a body again repeats what it does besides.
+        own_model = not registration.models and measurement.discovery.trained() is not None
+        if failure is not None and failure.limit is not None and measure is None and policy != "none" and own_model:
             unlimited = self._run_unlimited(context)
         # What the test ran: as the unlimited run saw it where there is one (the failed forward never finished).
         watched = unlimited if unlimited is not None else measurement

@@ -42,7 +42,7 @@ def test_an_inference_forward_over_its_device_limit_is_told_what_it_needs(pytest
     pytester.makepyfile(
         test_own=MODEL
         + """
-@pytest.mark.gpumem(device_limit="8 MiB")
+@pytest.mark.gpumem(device_limit="20 MiB")
 def test_over_the_limit():
     forward(model())
 
@@ -58,7 +58,7 @@ def test_without_a_limit():
     # The need is the whole forward's peak past the limit, not the one allocation that failed.
     unlimited = tests["test_without_a_limit"]["sample"]["phases"]["call"]["allocated"]["cpu"]
     advice = failed["advice"]
-    assert advice["needed"] == unlimited - 8 * 2**20, (advice["needed"], unlimited)
+    assert advice["needed"] == unlimited - 20 * 2**20, (advice["needed"], unlimited)
     assert failed["verdict"]["oom"]["overshoot"] == advice["needed"]
     # The test's forward never finished under the limit; run again without it, it showed what it does.
     assert any("forward pass with autograd on (batch 8 x seq 64)" in f for f in advice["findings"]), advice
