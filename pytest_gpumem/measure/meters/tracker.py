@@ -17,11 +17,13 @@ checkpoints on a pool of worker threads; while it is active, the tracker sets
 ``HF_DEACTIVATE_ASYNC_LOAD=1`` so that it loads on the test's thread instead:
 the same tensors, made where they can be counted.
 
-The per-operator path is kept minimal, since it runs for every operator (about
-9 us of the dispatch mode's own per operator, measured in a small training step,
-against under 1 us of the tracker's): one dict lookup, keyed by the operator's
-C++ handle so that no Python ``__hash__`` runs, gives what to call and whether
-the operator can allocate at all; an operator that cannot returns at once.
+The per-operator path is kept minimal, since it runs for every operator: one
+dict lookup, keyed by the operator's C++ handle so that no Python ``__hash__``
+runs, gives what to call and whether the operator can allocate at all; an
+operator that cannot returns at once. What remains is mostly the dispatch
+mode's own: five AdamW steps of a 256-1024-256 MLP run 390 operators, 117 of
+which allocate; a dispatch mode that only runs them costs 3.2 ms on the 2-core
+CPU machine (about 8 us an operator), and the tracker 1 ms more.
 
 A device limit (a smaller GPU simulated on the CPU) is enforced here: an
 allocation that would take a device's live bytes, with what earlier tests
