@@ -189,6 +189,7 @@ class GpuMemPlugin:
         if MEASURED in item.stash:  # a test run again (retried alone) starts afresh
             del item.stash[MEASURED]
         if not self._is_measured(item):
+            collector.other_test_runs()  # what it leaves is collected before the next measured test
             return (yield)
         test = item.stash[MEASURED] = MeasuredTest(item)
         if not test.start(self.context):

@@ -133,6 +133,68 @@ def test_fills_and_drops_it():
     assert "leak:" not in result.stdout.str()
 
 
+COUNT_BETWEEN = """
+import gc, json
+
+BETWEEN = []  # full collections from the end of each test (its teardown's included) to the next one's body
+_counting = []
+
+def _count(phase, info):
+    if phase == "start" and info["generation"] == 2 and _counting:
+        BETWEEN[-1] += 1
+
+def pytest_configure(config):
+    gc.callbacks.append(_count)
+
+def pytest_runtest_logfinish(nodeid, location):
+    BETWEEN.append(0)
+    _counting[:] = [1]
+
+def pytest_runtest_call(item):
+    _counting.clear()
+
+def pytest_sessionfinish(session):
+    gc.callbacks.remove(_count)
+    with open("between.json", "w") as out:
+        json.dump(BETWEEN, out)
+"""
+
+
+def test_one_collection_between_two_measured_tests(pytester):
+    # The collection after a test's teardown (for its leak check) also serves the freeze before the next one,
+    # which then need not collect again.
+    pytester.makepyfile(test_trivial=TRIVIAL.format(tests=5))
+    pytester.makeconftest(COUNT_BETWEEN)
+    result = pytester.runpytest("--gpumem-all", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=5)
+    between = json.loads((pytester.path / "between.json").read_text())
+    assert between[:-1] == [0, 0, 0, 0], between
+
+
+def test_what_a_test_that_is_not_measured_leaves_is_collected_before_the_next_measured_one(pytester):
+    pytester.makepyfile(
+        test_between=HOLDER
+        + """
+import weakref
+
+LEFT = []
+
+@pytest.mark.gpumem
+def test_a_measured():
+    pass
+
+def test_b_not_measured():
+    LEFT.append(weakref.ref(Holder(2**20)))  # cyclic garbage once the test returns
+
+@pytest.mark.gpumem
+def test_c_measured():
+    assert LEFT[0]() is None  # collected before this test was measured, not frozen
+"""
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3)
+
+
 class Cycle:
     def __init__(self) -> None:
         self.me = self

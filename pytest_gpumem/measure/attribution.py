@@ -105,16 +105,21 @@ class Attributor:
             for name, module in model.named_modules():
                 self.names.setdefault(id(module), name.removeprefix(_PEFT_PREFIX) or type(module).__name__)
             self._layers.update(id(m) for m in decoder_layers(model))
+        # A module's own parameters and buffers, read from its dicts: what parameters(recurse=False) and
+        # buffers(recurse=False) give, without building two generators per module at every forward.
         for module in model.modules():
-            for param in module.parameters(recurse=False):
+            for param in module._parameters.values():
+                if param is None:
+                    continue
                 tracker.classify(param, WEIGHTS)
                 for tensor in quantization_statistics(param, module):
                     tracker.classify(tensor, WEIGHTS)
                 if param.requires_grad and id(param) not in self._grad_hooked:
                     self._grad_hooked.add(id(param))
                     self._handles.append(param.register_post_accumulate_grad_hook(self._grad_accumulated))
-            for buffer in module.buffers(recurse=False):
-                tracker.classify(buffer, WEIGHTS)
+            for buffer in module._buffers.values():
+                if buffer is not None:
+                    tracker.classify(buffer, WEIGHTS)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:

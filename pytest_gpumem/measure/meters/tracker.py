@@ -18,7 +18,12 @@ checkpoints on a pool of worker threads; while it is active, the tracker sets
 the same tensors, made where they can be counted.
 
 The per-operator path is kept minimal, since it runs for every operator: one
-dict lookup decides whether an operator can allocate at all.
+dict lookup, keyed by the operator's C++ handle so that no Python ``__hash__``
+runs, gives what to call and whether the operator can allocate at all; an
+operator that cannot returns at once. What remains is mostly the dispatch
+mode's own: five AdamW steps of a 256-1024-256 MLP run 390 operators, 117 of
+which allocate; a dispatch mode that only runs them costs 3.2 ms on the 2-core
+CPU machine (about 8 us an operator), and the tracker 1 ms more.
 
 A device limit (a smaller GPU simulated on the CPU) is enforced here: an
 allocation that would take a device's live bytes, with what earlier tests
@@ -37,6 +42,7 @@ from functools import partial
 from typing import Any
 
 import torch
+from torch._ops import OpOverload
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pytest_gpumem.core.sample import Peaks
@@ -46,7 +52,8 @@ from pytest_gpumem.measure.collector import collect_after_teardown, release_fail
 _NOTHING: tuple[int, ...] = ()
 WHOLE = -1
 _ASYNC_LOAD = "HF_DEACTIVATE_ASYNC_LOAD"
-_FRESH: dict[Any, tuple[int, ...]] = {}  # operator -> _fresh_returns(operator); schemas never change
+_OPERATORS: dict[Any, tuple[Any, tuple[int, ...]]] = {}
+"""An operator's C++ handle -> (what to call to run it, :func:`_fresh_returns`); schemas never change."""
 
 
 def _fresh_returns(func: Any) -> tuple[int, ...]:
@@ -62,12 +69,30 @@ def _fresh_returns(func: Any) -> tuple[int, ...]:
     return (WHOLE,) if fresh and len(schema.returns) == 1 else fresh
 
 
+def _learn(func: Any) -> tuple[Any, tuple[int, ...]]:
+    """What to call to run ``func`` and which of its results are fresh, kept in :data:`_OPERATORS`."""
+    # An OpOverload's __call__ only forwards to its C++ handle: calling that saves a Python frame per
+    # operator. Its subclasses (TorchBind operators) do more, and are called as they are.
+    run = func._op if type(func) is OpOverload else func
+    entry = _OPERATORS[func._op] = (run, _fresh_returns(func))
+    return entry
+
+
 WEIGHTS, GRADIENTS, OPTIMIZER, ACTIVATIONS = range(4)
 """Categories of a tracked storage; a storage starts as an activation (or temporary) and is
 re-classified when it is seen to be a parameter, a gradient or optimizer state."""
 
 ALIVE = float("inf")
 _current_node = torch._C._current_autograd_node
+_DEVICE_NAMES: dict[torch.device, str] = {}
+
+
+def _device_name(device: torch.device) -> str:
+    """``str(device)``, made once per device: formatting it anew for every storage costs more than the rest."""
+    name = _DEVICE_NAMES.get(device)
+    if name is None:
+        name = _DEVICE_NAMES[device] = str(device)
+    return name
 
 
 def block_size(nbytes: int) -> int:
@@ -190,14 +215,15 @@ class StorageTracker(TorchDispatchMode):
             os.environ[_ASYNC_LOAD] = self._async_load
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        entry = _OPERATORS.get(func._op)
+        if entry is None:
+            entry = _learn(func)
+        run, fresh = entry
         try:
-            out = func(*args, **(kwargs or {}))
+            out = run(*args, **kwargs) if kwargs else run(*args)
         except torch.OutOfMemoryError:
             self.last_oom = (self.seq, self.location())  # the moment of a CUDA OOM, for its attribution
             raise
-        fresh = _FRESH.get(func)
-        if fresh is None:
-            fresh = _FRESH[func] = _fresh_returns(func)
         if fresh:
             try:
                 if isinstance(out, torch.Tensor):
@@ -252,7 +278,7 @@ class StorageTracker(TorchDispatchMode):
         key = storage._cdata
         if key in self._live:
             return
-        device = str(storage.device)
+        device = "cpu" if tensor.is_cpu else _device_name(storage.device)
         if device == "meta":
             if self.meta_device is None:
                 return
