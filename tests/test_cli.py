@@ -61,8 +61,8 @@ def test_compare_fails_on_a_regression_and_prints_the_plugins_table(pair, capsys
     assert out[0].split() == ["test", "metric", "peak", "baseline", "delta", "budget", "verdict", "largest", "consumer"]
     rows = {line.split()[0]: line for line in out[2:5]}
     assert "+51.20 KiB (+5.0%)" in rows["test_mem.py::test_grows"] and "regression" in rows["test_mem.py::test_grows"]
-    assert rows["test_mem.py::test_steady"].split()[-3] == "ok"
-    assert rows["test_mem.py::test_added"].split()[-3] == "new"
+    assert "ok" in rows["test_mem.py::test_steady"].split()
+    assert "new" in rows["test_mem.py::test_added"].split()
     assert f"missing in {b}: 1 tests of {a} did not run: test_mem.py::test_gone" in out
     assert f"new in {b}: 1 tests not in {a}: test_mem.py::test_added" in out
 

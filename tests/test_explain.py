@@ -41,9 +41,14 @@ def run(pytester: pytest.Pytester, *args: str) -> tuple[pytest.RunResult, dict]:
     return result, {t["nodeid"]: t for t in doc["tests"]}
 
 
-def test_every_measured_test_carries_its_attribution(pytester):
+def test_a_passing_test_is_attributed_only_when_asked(pytester):
+    """The fast path measures a passing test with the meter alone; ``--gpumem-attribute=always`` attributes
+    every test as it runs."""
     pytester.makepyfile(test_train=TRAIN_SUITE.format(batch=64))
     result, tests = run(pytester)
+    result.assert_outcomes(passed=1)
+    assert tests["test_train.py::test_train"]["sample"]["attribution"] is None
+    result, tests = run(pytester, "--gpumem-attribute=always")
     result.assert_outcomes(passed=1)
     test = tests["test_train.py::test_train"]
     attribution = test["sample"]["attribution"]
