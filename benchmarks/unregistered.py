@@ -27,6 +27,8 @@ from typing import Any
 import pytest_subprocess
 from results_file import aligned_table, apply_smoke, check_written, publish
 
+from pytest_gpumem.core.sample import Sample
+
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = "benchmarks/own_tests"
 TITLE = "Advice for a user's own tests: each lever's number against the lever run for real"
@@ -54,10 +56,7 @@ def variant(case: str, lever: dict[str, Any]) -> str | None:
 
 def absolute(test: dict[str, Any]) -> int:
     """A test's allocated peak with what was resident before it, on its fullest device."""
-    sample = test["sample"]
-    before = sample.get("before", {}).get("allocated", {})
-    call = sample["phases"]["call"]["allocated"]
-    return max(before.get(device, 0) + peak for device, peak in call.items())
+    return Sample.from_dict(test["sample"]).absolute_peak("allocated")
 
 
 def gib(n: float) -> str:

@@ -43,7 +43,7 @@ from pytest_gpumem.core.sample import (
     largest,
 )
 from pytest_gpumem.core.store import BaselineStore
-from pytest_gpumem.core.units import BadValue
+from pytest_gpumem.core.units import BadValue, error_line
 from pytest_gpumem.estimate.replay import Replay, plan
 from pytest_gpumem.measure import collector, introspect, rerun, snapshot, trainer
 from pytest_gpumem.measure.discovery import Discovery, Found
@@ -95,7 +95,7 @@ class Context:
     meter: Meter
     environment: Environment
     store: BaselineStore
-    new_meter: Callable[..., Meter]  # new_meter(attribute=False): a fresh meter of the run's backend
+    new_meter: Callable[[], Meter]
     replay_gpu: Gpu  # the GPU a test's own model is replayed as, where it registered no step
     gpus: int = 0  # the GPUs visible to the tests (0 on the cpu backend)
     attributes: bool = True
@@ -223,25 +223,21 @@ class MeasuredTest:
         allocated = call.get("allocated") or {}
         device = max(allocated, key=allocated.__getitem__, default="")  # the device the attribution is of
         known, failure, raised, kept = None, None, "", []
-        self._again = again
+        error = self._run_body(again)
         try:
-            with again.phase("call"):
-                self.item.runtest()
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as error:  # noqa: BLE001 - the first run's outcome stands; this one only explains
-            raised = _first_line(error)
-            # Kept for the retry and the what-ifs, as the first run's are: until now the frames held them.
-            kept = [*again.registration.models, *again.registration.optimizers]
-            if again.attributor is not None:
-                failure = capture.capture(error, again.backend, again.limit, again.attributor)
-            capture.drop_frames(error)
-        finally:
-            self._again = None
+            if error is not None:
+                raised = error_line(error)
+                # Kept for the retry and the what-ifs, as the first run's are: until now the frames held them.
+                kept = [*again.registration.models, *again.registration.optimizers]
+                if again.attributor is not None:
+                    failure = capture.capture(error, again.backend, again.limit, again.attributor)
+                capture.drop_frames(error)
+                del error
             if again.attributor is not None:
                 models = [*again.registration.models, *again.discovery.models]
                 optimizers = [*again.registration.optimizers, *again.discovery.optimizers]
                 known = rerun.untracked(models, optimizers, again.attributor.tracker, device)
+        finally:
             again.finish()
         capture.release_cached()
         second = again.phases.get("call", {})
@@ -313,15 +309,15 @@ class MeasuredTest:
         if policy != "none" and not registration.models_freed:  # a what-if needs the model alive after the test
             measure = whatif.make_measure(registration, context.new_meter)
         failure = result.verdict.oom
-        unlimited = None
+        found = None if registration.models else measurement.discovery.trained()
+        unlimited, discovery = None, measurement.discovery
         # Only a test that ran a model of its own: running a body again repeats what it does besides.
-        own_model = not registration.models and measurement.discovery.trained() is not None
-        if failure is not None and failure.limit is not None and measure is None and policy != "none" and own_model:
+        if failure is not None and failure.limit is not None and measure is None and policy != "none" and found:
             unlimited = self._run_unlimited(context)
-        # What the test ran: as the unlimited run saw it where there is one (the failed forward never finished).
-        watched = unlimited if unlimited is not None else measurement
-        found = None if registration.models else watched.discovery.trained()
-        setup = _setup_of(measurement, found, watched.discovery)
+        if unlimited is not None:  # what the test ran, as the unlimited run saw it (the failed forward never ended)
+            discovery = unlimited.discovery
+            found = discovery.trained()
+        setup = _setup_of(measurement, found, discovery)
         replayable = found is not None and found.config is not None and setup.backward
         if measure is None and policy != "none" and replayable and context.meter.backend in REPLAY_BACKENDS:
             assert found is not None
@@ -363,14 +359,11 @@ class MeasuredTest:
     def _run_unlimited(self, context: Context) -> Measurement | None:
         """The test's body run once more without its simulated device limit, measured with the attribution
         on (a test that registered nothing and ran out of memory under the limit): what the whole test
-        needs. None where it runs out of memory for real (the device cannot hold it either)."""
-        measurement = Measurement(context.new_meter(attribute=True))
-        error: BaseException | None = None
-        try:
-            with measurement.phase("call"):
-                self.item.runtest()
-        except (Exception, pytest.fail.Exception, pytest.skip.Exception, pytest.xfail.Exception) as exc:  # noqa: BLE001
-            error = exc  # a test that fails otherwise still ran through: its peak stands
+        needs. None where it runs out of memory for real (the device cannot hold it either); a test that
+        fails otherwise still ran through, and its peak stands."""
+        assert context.explaining_meter is not None
+        measurement = Measurement(context.explaining_meter())
+        error = self._run_body(measurement)
         measurement.finish()
         out_of_memory = error is not None and capture.find(error) is not None
         if error is not None:
@@ -378,6 +371,21 @@ class MeasuredTest:
         del error
         capture.release_cached()
         return None if out_of_memory else measurement
+
+    def _run_body(self, measurement: Measurement) -> BaseException | None:
+        """Run the test's body once more in ``measurement``'s call phase, the fixtures pointed at it (their
+        values are not made again); what the body raised, its frames still alive (an interrupt goes on)."""
+        self._again = measurement
+        try:
+            with measurement.phase("call"):
+                self.item.runtest()
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as error:  # noqa: BLE001 - the first run's outcome stands; this one only explains
+            return error
+        finally:
+            self._again = None
+        return None
 
     @staticmethod
     def _fidelity(replay: Replay, measured: Sample) -> str:
@@ -457,9 +465,3 @@ def _setup_of(measurement: Measurement, found: Found | None, discovery: Discover
     # A forward that raised (out of memory) never reached its backward: that says nothing.
     setup.backward = found.calls.backward if not found.calls.raised else None
     return setup
-
-
-def _first_line(error: BaseException) -> str:
-    """``TypeName: the first line of its message``."""
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__

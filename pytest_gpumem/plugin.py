@@ -143,9 +143,7 @@ class GpuMemPlugin:
                 meter=meter,
                 environment=Environment(meter.backend, hardware, software_versions()),
                 store=self.store,
-                new_meter=lambda attribute=False: backend.create(
-                    meter.backend, attribute=attribute, gpu=settings.estimate_gpu
-                ),
+                new_meter=lambda: backend.create(meter.backend, attribute=False, gpu=settings.estimate_gpu),
                 replay_gpu=replay_gpu(meter.backend, settings.estimate_gpu),
                 gpus=visible_gpus(meter.backend),
                 attributes=attributes,

@@ -52,7 +52,7 @@ from pytest_gpumem.advise.memory_model import (
 )
 from pytest_gpumem.advise.whatif import MissingKnob
 from pytest_gpumem.core.sample import LEVERS, Advice, Attribution, Breakdown, Lever
-from pytest_gpumem.core.units import format_bytes
+from pytest_gpumem.core.units import error_line, format_bytes
 from pytest_gpumem.measure.introspect import TrainingSetup, dtype_bytes
 
 HALF = ("bfloat16", "float16")
@@ -809,8 +809,7 @@ def _checkpointing_fallback(setup: TrainingSetup, knobs: dict[str, Any]) -> Cand
 
 
 def _reason(error: BaseException) -> str:
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    text = error_line(error)
     return text if len(text) <= 160 else text[:157] + "..."
 
 

@@ -170,3 +170,9 @@ def parse_leak(value: object, where: str) -> Tolerance | bool:
     if value is True:
         raise BadValue(f"{where}: expected a tolerance such as '1 MiB' or '1%, 1 MiB', or False for no check; got True")
     return parse_tolerance(value, where)
+
+
+def error_line(error: BaseException) -> str:
+    """An error in one line, as a report names it: ``TypeName: the first line of its message``."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__

@@ -47,7 +47,7 @@ from pytest_gpumem.advise.memory_model import (
 )
 from pytest_gpumem.core.gpus import Gpu, device_bytes, reserved_bytes, whole_segments
 from pytest_gpumem.core.sample import Attribution, Breakdown, Lever
-from pytest_gpumem.core.units import BadValue
+from pytest_gpumem.core.units import BadValue, error_line
 from pytest_gpumem.estimate.meter import DEVICE, EstimateMeter, active_tracker, forget_meta_caches, untracked
 from pytest_gpumem.measure import introspect
 from pytest_gpumem.measure.introspect import TrainingSetup
@@ -557,8 +557,7 @@ def estimate(recipe: Recipe, gpu: Gpu, advise: bool = True) -> Estimate:
     except BadValue:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure of the fake run falls back to the labelled model
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        reason = f"the fake run failed: {type(exc).__name__}: {text}"[:300]
+        reason = f"the fake run failed: {error_line(exc)}"[:300]
         method = "analytic"
         step = analytic(recipe, gpu)
     result = Estimate(

@@ -17,6 +17,7 @@ import torch
 
 from pytest_gpumem.advise.whatif import make_measure
 from pytest_gpumem.core.sample import Fit, largest
+from pytest_gpumem.core.units import error_line
 from pytest_gpumem.measure.measurement import Measurement, Registration
 from pytest_gpumem.measure.meters.base import Meter
 from pytest_gpumem.measure.meters.limited import LimitedMeter
@@ -136,6 +137,5 @@ def retry(
     try:
         return search(run, knob, start, start_fails=True, limit=limit)
     except Exception as error:  # noqa: BLE001 - the user's step failed otherwise: say so, the test fails anyway
-        text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        fit.note = f"the step failed when run again ({type(error).__name__}: {text})"
+        fit.note = f"the step failed when run again ({error_line(error)})"
         return fit
