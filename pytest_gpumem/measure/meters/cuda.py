@@ -25,7 +25,7 @@ process; the CUDA context and libraries' own memory stay outside it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -112,6 +112,22 @@ def _warm_up_bitsandbytes(device: str) -> None:
     torch.accelerator.synchronize(torch.device(device).index)
 
 
+class AllocatorStats(NamedTuple):
+    allocated: int
+    allocated_peak: int
+    reserved: int
+    reserved_peak: int
+
+
+def allocator_stats(index: int) -> AllocatorStats:
+    """The allocator's current and peak ``allocated`` and ``reserved`` bytes of device ``index``, from one read
+    of its statistics: ``memory_allocated`` and its kin each build the whole statistics dict (some 150 entries
+    flattened in Python) to return one of them."""
+    stats = torch.accelerator.memory.memory_stats(index)
+    keys = ("allocated_bytes.all.current", "allocated_bytes.all.peak", "reserved_bytes.all.current")
+    return AllocatorStats(*(int(stats.get(key, 0)) for key in (*keys, "reserved_bytes.all.peak")))
+
+
 class CudaMeter:
     """Meter of the ``cuda`` backend: per device, allocator peaks and NVML device use."""
 
@@ -178,8 +194,9 @@ class CudaMeter:
         before: Peaks = {"allocated": {}, "reserved": {}}
         for index, name in zip(self.devices, self.names, strict=True):
             memory.reset_peak_memory_stats(index)
-            before["allocated"][name] = memory.memory_allocated(index)
-            before["reserved"][name] = memory.memory_reserved(index)
+            stats = allocator_stats(index)
+            before["allocated"][name] = stats.allocated
+            before["reserved"][name] = stats.reserved
         if self._nvml:
             before["device"] = self._device_used()
         self._before = before
@@ -193,9 +210,10 @@ class CudaMeter:
         memory = torch.accelerator.memory
         peaks: Peaks = {"allocated": {}, "reserved": {}}
         for index, name in zip(self.devices, self.names, strict=True):
-            peaks["allocated"][name] = memory.max_memory_allocated(index) - self._before["allocated"][name]
-            peaks["reserved"][name] = memory.max_memory_reserved(index) - self._before["reserved"][name]
+            stats = allocator_stats(index)
             memory.reset_peak_memory_stats(index)
+            peaks["allocated"][name] = stats.allocated_peak - self._before["allocated"][name]
+            peaks["reserved"][name] = stats.reserved_peak - self._before["reserved"][name]
         if self._nvml:
             before = self._before["device"]
             peaks["device"] = {name: used - before[name] for name, used in self._device_used().items()}
