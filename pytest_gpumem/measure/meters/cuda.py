@@ -15,12 +15,12 @@ allocator, counting in the allocator's 512-byte blocks: it costs Python work
 per operator, and ``CudaMeter(attribute=False)`` leaves it out. The
 allocator's statistics stay the measurement either way.
 
-Statistics go through ``torch.accelerator`` so that other accelerators with the
-same memory API (ROCm appears as ``cuda``) need no other code.
+The statistics are read through ``torch.cuda`` as the allocator keeps them (ROCm appears as ``cuda``): one
+nested dict per device and boundary (see :func:`allocator_stats`).
 
-A device limit goes through the allocator's per-process memory fraction, the
-one CUDA-only call here: it caps what the allocator reserves, for the whole
-process; the CUDA context and libraries' own memory stay outside it.
+A device limit goes through the allocator's per-process memory fraction: it
+caps what the allocator reserves, for the whole process; the CUDA context and
+libraries' own memory stay outside it.
 """
 
 from __future__ import annotations
@@ -120,12 +120,21 @@ class AllocatorStats(NamedTuple):
 
 
 def allocator_stats(index: int) -> AllocatorStats:
-    """The allocator's current and peak ``allocated`` and ``reserved`` bytes of device ``index``, from one read
-    of its statistics: ``memory_allocated`` and its kin each build the whole statistics dict (some 150 entries
-    flattened in Python) to return one of them."""
-    stats = torch.accelerator.memory.memory_stats(index)
-    keys = ("allocated_bytes.all.current", "allocated_bytes.all.peak", "reserved_bytes.all.current")
-    return AllocatorStats(*(int(stats.get(key, 0)) for key in (*keys, "reserved_bytes.all.peak")))
+    """The caching allocator's current and peak ``allocated`` and ``reserved`` bytes of device ``index``, from
+    one read of its statistics as the allocator keeps them (nested): ``memory_allocated`` and its kin each
+    flatten the whole statistics dict in Python to return one number, about 70 us each on an H200 against
+    11 us for this read (``benchmarks/results/overhead-cuda.md``)."""
+    stats = torch.cuda.memory.memory_stats_as_nested_dict(index)
+    allocated, reserved = (
+        stats.get("allocated_bytes", {}).get("all", {}),
+        stats.get("reserved_bytes", {}).get("all", {}),
+    )
+    return AllocatorStats(
+        int(allocated.get("current", 0)),
+        int(allocated.get("peak", 0)),
+        int(reserved.get("current", 0)),
+        int(reserved.get("peak", 0)),
+    )
 
 
 class CudaMeter:
@@ -229,8 +238,7 @@ class CudaMeter:
 
     def in_use(self) -> dict[str, int]:
         """Bytes allocated now on each device (what a device limit's cap is checked against, with the cache)."""
-        memory = torch.accelerator.memory
-        return {name: memory.memory_allocated(index) for index, name in zip(self.devices, self.names, strict=True)}
+        return {name: allocator_stats(index).allocated for index, name in zip(self.devices, self.names, strict=True)}
 
     def leftover(self) -> dict[str, int]:
         """Bytes per device still allocated above what was resident before the last measured test began,
@@ -242,7 +250,7 @@ class CudaMeter:
         torch.accelerator.memory.empty_cache()
         before = self._last_before.get("allocated", {})
         left = {
-            name: torch.accelerator.memory.memory_allocated(index) - before.get(name, 0)
+            name: allocator_stats(index).allocated - before.get(name, 0)
             for index, name in zip(self.devices, self.names, strict=True)
         }
         return {name: n for name, n in left.items() if n > 0}
