@@ -122,8 +122,8 @@ class AllocatorStats(NamedTuple):
 def allocator_stats(index: int) -> AllocatorStats:
     """The caching allocator's current and peak ``allocated`` and ``reserved`` bytes of device ``index``, from
     one read of its statistics as the allocator keeps them (nested): ``memory_allocated`` and its kin each
-    flatten the whole statistics dict in Python to return one number, about 70 us each on an H200 against
-    11 us for this read (``benchmarks/results/overhead-cuda.md``)."""
+    flatten the whole statistics dict in Python to return one number, which made them most of what
+    measuring a small test cost (see docs/overhead.md)."""
     stats = torch.cuda.memory.memory_stats_as_nested_dict(index)
     allocated, reserved = (
         stats.get("allocated_bytes", {}).get("all", {}),
