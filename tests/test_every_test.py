@@ -4,9 +4,8 @@ the step cannot be run again."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
+from inner_run import run_by_name
 
 pytest_plugins = ["pytester"]
 
@@ -43,12 +42,6 @@ def pytest_unconfigure(config):
 """
 
 
-def run(pytester: pytest.Pytester, *args: str) -> tuple[pytest.RunResult, dict]:
-    result = pytester.runpytest("--gpumem-json=out.json", "-p", "no:cacheprovider", *args)
-    doc = json.loads((pytester.path / "out.json").read_text())
-    return result, {t["nodeid"].split("::")[1]: t for t in doc["tests"]}
-
-
 def test_a_users_own_lora_loop_gets_levers_with_numbers(pytester: pytest.Pytester) -> None:
     pytester.makeconftest(REPLAY_ON_CPU)
     pytester.makepyfile(
@@ -67,7 +60,7 @@ def test_own_loop():
         optimizer.zero_grad()
 """
     )
-    result, tests = run(pytester)
+    result, tests = run_by_name(pytester)
     result.assert_outcomes(failed=1)
     advice = tests["test_own_loop"]["advice"]
     levers = {lever["key"]: lever for lever in advice["levers"]}
@@ -98,7 +91,7 @@ def test_forward_in_inference_mode():
         model(input_ids=torch.randint(0, 256, (8, 64)))
 """
     )
-    result, tests = run(pytester)
+    result, tests = run_by_name(pytester)
     result.assert_outcomes(failed=2)
     found = tests["test_forward_only"]["advice"]
     assert any("1 forward pass with autograd on (batch 8 x seq 64)" in f for f in found["findings"]), found
@@ -132,7 +125,7 @@ def test_float32_weights():
     model(input_ids=ids, labels=ids).loss.backward()
 """
     )
-    result, tests = run(pytester)
+    result, tests = run_by_name(pytester)
     result.assert_outcomes(failed=2)
     eval_mode = tests["test_eval_mode_checkpointing"]["advice"]["findings"]
     assert any("eval mode" in f and "model.train()" in f for f in eval_mode), eval_mode
@@ -156,7 +149,7 @@ def test_mlp():
     optimizer.step()
 """
     )
-    result, tests = run(pytester)
+    result, tests = run_by_name(pytester)
     result.assert_outcomes(failed=1)
     advice = tests["test_mlp"]["advice"]
     assert advice["replay"] == ""  # not a transformers LoRA model: nothing replayed
@@ -177,7 +170,7 @@ def test_all_linear():
     optimizer.step()
 """
     )
-    result, tests = run(pytester, "--gpumem-explain=all")
+    result, tests = run_by_name(pytester, "--gpumem-explain=all")
     levers = {lever["key"]: lever for lever in tests["test_all_linear"]["advice"]["levers"]}
     assert levers["rank"]["action"] == "LoRA r 8 -> 4"
     assert levers["targets"]["action"].startswith("LoRA on q_proj, v_proj only, not 7 target modules")
@@ -362,7 +355,7 @@ def test_savings_match_the_variants_run_for_real(pytester: pytest.Pytester) -> N
     """Each lever and fix of a user's own LoRA loop and inference (estimated, on the cpu backend) against the
     same code run for real with that lever, under the plugin."""
     pytester.makepyfile(test_own=LOOP + LORA_LOOP)
-    result, tests = run(pytester, "--gpumem-explain=all")
+    result, tests = run_by_name(pytester, "--gpumem-explain=all")
     result.assert_outcomes(passed=14)
     compare(
         tests,
@@ -394,7 +387,7 @@ def test_full_fine_tuning_savings_match_the_variants_run_for_real(pytester: pyte
     """The levers of full fine-tuning a float32 model (bf16 autocast, LoRA, QLoRA, 8-bit AdamW) against the
     loop run for real with each, under the plugin."""
     pytester.makepyfile(test_own=LOOP + FULL_LOOP)
-    result, tests = run(pytester, "--gpumem-explain=all")
+    result, tests = run_by_name(pytester, "--gpumem-explain=all")
     result.assert_outcomes(passed=6)
     compare(
         tests,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from inner_run import run_by_name
 
 pytest_plugins = ["pytester"]
 
@@ -32,12 +33,6 @@ def forward(model, batch=8, seq=64):
 TRAINING_LEVERS = {"checkpointing", "lora", "qlora", "rank", "targets", "optimizer"}
 
 
-def run(pytester: pytest.Pytester, *args: str) -> tuple[pytest.RunResult, dict]:
-    result = pytester.runpytest("--gpumem-json=out.json", "-p", "no:cacheprovider", *args)
-    doc = json.loads((pytester.path / "out.json").read_text())
-    return result, {t["nodeid"].split("::")[1]: t for t in doc["tests"]}
-
-
 def test_an_inference_forward_over_its_device_limit_is_told_what_it_needs(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         test_own=MODEL
@@ -51,7 +46,7 @@ def test_without_a_limit():
     forward(model())
 """
     )
-    result, tests = run(pytester)
+    result, tests = run_by_name(pytester)
     result.assert_outcomes(failed=1, passed=1)
     failed = tests["test_over_the_limit"]
     assert failed["verdict"]["status"] == "oom"
@@ -112,7 +107,7 @@ def test_footprints():
         json.dump(footprints, out)
 """
     )
-    result, tests = run(pytester, "--gpumem-explain=all")
+    result, tests = run_by_name(pytester, "--gpumem-explain=all")
     result.assert_outcomes(passed=4)
 
     def peak(name: str) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from inner_run import run_by_name
 
 pytest_plugins = ["pytester"]
 
@@ -82,9 +83,7 @@ def test_grows_when_run_again(model):
 def run(pytester: pytest.Pytester, *args: str) -> tuple[pytest.RunResult, dict]:
     pytester.makeconftest(FAST_ON_CPU)
     pytester.makepyfile(test_steps=TESTS)
-    result = pytester.runpytest("--gpumem-json=out.json", "-p", "no:cacheprovider", *args)
-    doc = json.loads((pytester.path / "out.json").read_text())
-    return result, {t["nodeid"].split("::")[1]: t for t in doc["tests"]}
+    return run_by_name(pytester, *args)
 
 
 def calls(pytester: pytest.Pytester, name: str) -> int:
